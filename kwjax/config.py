@@ -160,7 +160,7 @@ class ModelConfig:
             "hidden_activation": "gelu_pytorch_tanh",
             "layer_types": list(self.layer_types),
             "sliding_window": self.sliding_window,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "query_pre_attn_scalar": _int_if_whole(self.query_pre_attn_scalar),
             "rope_parameters": {
                 GLOBAL: global_rope,
                 SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_base},
@@ -226,6 +226,11 @@ class ModelConfig:
         )
 
 
+def _int_if_whole(x: float) -> int | float:
+    """transformers' strict config wants an int where the value is whole (e.g. query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def _hf_rope(cfg: Mapping[str, Any], source: str) -> tuple[float, float, float]:
     """(local base, global base, global linear factor) from either transformers generation of keys."""
     params = cfg.get("rope_parameters")
@@ -248,10 +253,11 @@ def _hf_rope(cfg: Mapping[str, Any], source: str) -> tuple[float, float, float]:
 
 
 def _preset(num_layers: int, hidden: int, ffn: int, heads: int, kv: int, window: int, *,
-            scalar: float = 256.0, global_scale: float = 1.0, vocab: int = 262_144) -> ModelConfig:
+            scalar: float = 256.0, global_scale: float = 1.0, vocab: int = 262_144,
+            head_dim: int = 256) -> ModelConfig:
     return ModelConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=num_layers,
-        num_heads=heads, num_kv_heads=kv, head_dim=256,
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
         layer_types=tuple(SLIDING if (i + 1) % 6 else GLOBAL for i in range(num_layers)),
         sliding_window=window, query_pre_attn_scalar=scalar, rope_global_scale=global_scale,
     )
@@ -263,7 +269,7 @@ PRESETS = {
     "gemma3-4b": lambda: _preset(34, 2560, 10240, 8, 4, 1024, global_scale=8.0, vocab=262_208),
     "gemma3-12b": lambda: _preset(48, 3840, 15360, 16, 8, 1024, global_scale=8.0, vocab=262_208),
     "gemma3-27b": lambda: _preset(62, 5376, 21504, 32, 16, 1024, scalar=168.0, global_scale=8.0,
-                                  vocab=262_208),
+                                  vocab=262_208, head_dim=128),
 }
 
 

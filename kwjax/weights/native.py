@@ -1,0 +1,66 @@
+"""kwjax's own model directories: config.json + tokenizer files + an Orbax checkpoint of the params.
+
+The config is written in Hugging Face form so one parser serves both; `kwjax.json` marks the
+directory as kwjax's so `load` can tell it from a Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+
+from kwjax.config import ModelConfig
+from kwjax.model import param_shapes
+from kwjax.weights.tree import WeightsError
+
+MARKER = "kwjax.json"
+FORMAT = "kwjax-model"
+
+
+def is_native(directory: Path) -> bool:
+    return (directory / MARKER).is_file()
+
+
+def write(directory: str | Path, config: ModelConfig, params: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    # The marker goes last: a directory without it was never completely written.
+    (directory / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1}))
+
+
+def read(directory: str | Path, dtype, shardings: Callable[[tuple[str, ...]], Any] | None = None
+         ) -> tuple[ModelConfig, dict]:
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    try:
+        marker = json.loads((directory / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{directory / MARKER}: unreadable kwjax marker ({e})") from None
+    if marker.get("format") != FORMAT:
+        raise WeightsError(f"{directory / MARKER}: format is {marker.get('format')!r}, expected {FORMAT!r}")
+    config = ModelConfig.from_json_file(directory / "config.json")
+    if not (directory / "params").is_dir():
+        raise WeightsError(f"{directory}: no 'params' checkpoint folder")
+
+    def target(path, leaf):
+        keys = tuple(k.key for k in path)
+        sharding = shardings(keys) if shardings else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding)
+
+    abstract = jax.tree_util.tree_map_with_path(target, param_shapes(config, dtype))
+    try:
+        params = ocp.StandardCheckpointer().restore(directory / "params", abstract)
+    except Exception as e:  # Orbax raises many types; the message is what the user needs
+        raise WeightsError(f"{directory / 'params'}: cannot restore parameters for the model in "
+                           f"config.json ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    return config, params

@@ -10,7 +10,7 @@ import numpy as np
 
 from kwjax.config import ModelConfig
 from kwjax.weights import layout, safetensors
-from kwjax.weights.tree import WeightsError, get_path, set_path, to_device
+from kwjax.weights.tree import WeightsError, get_path, rows_to_device, set_path, to_device
 
 # Where the text decoder lives in the checkpoints transformers writes for Gemma 3:
 # Gemma3ForCausalLM, Gemma3ForConditionalGeneration (4.x), and the same in 5.x.
@@ -71,8 +71,13 @@ def read(directory: str | Path, dtype, shardings: Callable[[tuple[str, ...]], An
         if f.shape(name) != entry.hf_shape:
             raise WeightsError(f"{f.path}: tensor {name!r} has shape {f.shape(name)} but config.json "
                                f"implies {entry.hf_shape}")
-        array = entry.to_kwjax(f.get(name))
-        set_path(params, entry.path, to_device(array, dtype, shardings(entry.path) if shardings else None))
+        sharding = shardings(entry.path) if shardings else None
+        view = f.get(name)
+        if entry.path == ("embedding",):
+            value = rows_to_device(view.shape, dtype, lambda rows, v=view: v[rows], sharding)
+        else:
+            value = to_device(entry.to_kwjax(view), dtype, sharding)
+        set_path(params, entry.path, value)
     return config, params
 
 

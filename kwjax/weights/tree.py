@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing import Callable
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+_CHUNK_BYTES = 64 * 2**20
 
 
 class WeightsError(ValueError):
@@ -28,3 +33,29 @@ def to_device(array: np.ndarray, dtype, sharding=None) -> jax.Array:
     """Casts on the host and hands the buffer to JAX; the host copy is freed when the caller drops it."""
     host = np.asarray(array).astype(dtype, copy=False)
     return jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
+
+
+@jax.jit
+def _write_rows(buffer, rows, start):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
+
+
+_write_rows_donated = jax.jit(_write_rows.__wrapped__, donate_argnums=0)
+
+
+def rows_to_device(shape: tuple[int, ...], dtype, get_rows: Callable[[slice], np.ndarray],
+                   sharding=None) -> jax.Array:
+    """Builds a large tensor (the embedding) on device from row blocks converted on the host.
+
+    Converting or dequantizing it whole would hold float32 temporaries several times its final
+    size; here the host only ever holds one block, and the device buffer is updated in place.
+    """
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
+    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    if shape[0] <= step:
+        return to_device(get_rows(slice(0, shape[0])), dtype, sharding)
+    buffer = jnp.zeros(shape, dtype, device=sharding)
+    for start in range(0, shape[0], step):
+        block = np.asarray(get_rows(slice(start, min(start + step, shape[0])))).astype(dtype, copy=False)
+        buffer = _write_rows_donated(buffer, block, start)
+    return buffer

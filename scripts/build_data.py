@@ -5,8 +5,8 @@ Provenance, kept in the repository so it stays visible. The data set was authore
 
 1. reads them in order (part 1 line 1 … part 5 line 35) and checks every row against the schema,
 2. gives ids kl-001 … kl-175 in that order,
-3. draws the 140/35 train/validation split with a fixed seed, stratified by failure mode (each failure
-   mode keeps its 4:1 share in validation, largest-remainder rounding), and stores it as a "split" field,
+3. draws the 140/35 train/validation split with a fixed seed, stratified by failure mode and, within a
+   failure mode, by form (poem/prose), and stores it as a "split" field,
 4. writes kwjax/data_files/keyword_literature.jsonl.
 
 After that merge the committed JSONL is the source of truth: later corrections were made in it directly
@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kwjax.data import FAILURE_MODES, SOURCE_PATH, _example  # noqa: E402
+from kwjax.data import FAILURE_MODES, FORMS, SOURCE_PATH, _example  # noqa: E402
 
 PARTS_DIR = REPO / "data" / "parts"
 N_PARTS, ROWS_PER_PART = 5, 35
@@ -61,21 +61,31 @@ def read_parts(parts_dir: Path) -> list[dict]:
     return merged
 
 
+def largest_remainder(shares: dict, total: int) -> dict:
+    """Integer quotas proportional to ``shares`` that sum to ``total`` (ties go to the earlier key)."""
+    whole = sum(shares.values())
+    exact = {k: v * total / whole if whole else 0 for k, v in shares.items()}
+    quota = {k: int(x) for k, x in exact.items()}
+    keys = list(shares)
+    for k in sorted(keys, key=lambda k: (-(exact[k] - quota[k]), keys.index(k)))[: total - sum(quota.values())]:
+        quota[k] += 1
+    return quota
+
+
 def assign_split(rows: list[dict], n_validation: int, seed: int) -> None:
-    """Seeded, stratified by failure mode; largest remainder so the total is exactly n_validation."""
+    """Seeded and stratified: each failure mode keeps its share of validation rows, and within a failure
+    mode poems and prose keep theirs (largest-remainder rounding, so the total is exactly n_validation)."""
     rng = random.Random(seed)
-    by_mode = {m: [r for r in rows if r["failure_mode"] == m] for m in FAILURE_MODES}
-    exact = {m: len(rs) * n_validation / len(rows) for m, rs in by_mode.items()}
-    quota = {m: int(x) for m, x in exact.items()}
-    short = n_validation - sum(quota.values())
-    for m in sorted(FAILURE_MODES, key=lambda m: (-(exact[m] - quota[m]), FAILURE_MODES.index(m)))[:short]:
-        quota[m] += 1
+    per_mode = largest_remainder({m: sum(r["failure_mode"] == m for r in rows) for m in FAILURE_MODES}, n_validation)
     for m in FAILURE_MODES:
-        ids = [r["id"] for r in by_mode[m]]
-        rng.shuffle(ids)
-        chosen = set(ids[: quota[m]])
-        for r in by_mode[m]:
-            r["split"] = "validation" if r["id"] in chosen else "train"
+        cells = {f: [r["id"] for r in rows if r["failure_mode"] == m and r["form"] == f] for f in FORMS}
+        per_form = largest_remainder({f: len(ids) for f, ids in cells.items()}, per_mode[m])
+        for f, ids in cells.items():
+            rng.shuffle(ids)
+            chosen = set(ids[: per_form[f]])
+            for r in rows:
+                if r["id"] in cells[f]:
+                    r["split"] = "validation" if r["id"] in chosen else "train"
 
 
 def main() -> None:

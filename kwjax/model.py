@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kwjax.config import ModelConfig
 
@@ -42,8 +43,16 @@ class RMSNorm(nn.Module):
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float, scale: float) -> jax.Array:
     """Rotary embedding in the "rotate half" form; linear scaling divides positions by `scale`."""
     half = x_BTNH.shape[-1] // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x_BTNH.shape[-1]))
-    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * (inv_freq / scale)
+    # Frequencies are float32 constants computed on the host as transformers does: the timescale
+    # `base ** (2i / H)` rounded to float32, then a float32 reciprocal. An ulp of difference here is
+    # multiplied by the position (thousands) and by Gemma's large qk-normed scores: XLA's float32
+    # `pow` alone moved logits of a 1k-token input by 1.3e-3.
+    exponent = np.arange(0, 2 * half, 2, dtype=np.float32) / np.float32(2 * half)
+    timescale = np.power(np.float64(base), exponent.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / timescale
+    if scale != 1.0:
+        inv_freq = inv_freq / np.float32(scale)
+    angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

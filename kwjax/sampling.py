@@ -1,13 +1,20 @@
-"""Greedy continuation with the KV cache: enough for the demo and the top-tokens CLI.
+"""Batched generation with a KV cache: prefill, then a decode loop that runs entirely inside `jit`.
 
-Batched prompts are left-padded so every row's next token sits in the last column; positions come
-from the mask, so padding changes nothing. (Temperature/top-k/top-p, stop reasons and bucketing
-are the sampling issue's work.)
+Prompts of different lengths share a batch by left padding; positions come from the mask, so a
+padded row computes exactly what it would alone. Sliding-window layers keep a ring buffer of at most
+`sliding_window` slots (see `model.init_cache`), so cache memory is bounded by the window there.
+Prompt width, cache length and batch are rounded up to buckets, so new lengths rarely recompile;
+the number of new tokens is a runtime value of the compiled loop.
+
+Each row draws from its own key, `fold_in(fold_in(PRNGKey(seed), row), step)`: a prompt's sample
+does not depend on which other prompts share its batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,43 +22,190 @@ import numpy as np
 
 from kwjax.model import Gemma3, init_cache, positions_from_mask
 
+STOP_TOKEN, MAX_NEW_TOKENS = "stop_token", "max_new_tokens"
 
-@functools.lru_cache(maxsize=8)
-def _step_fn(module: Gemma3):
-    def step(params, tokens_BT, positions_BT, cache):
-        logits_BTV, cache = module.apply({"params": params}, tokens_BT, positions_BT, cache)
-        return logits_BTV[:, -1], cache
 
-    return jax.jit(step, donate_argnums=(3,))
+class SamplingError(ValueError):
+    """A generation request that cannot be served (empty prompt, too long, bad settings)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 256
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    seed: int = 0
+    extra_stop_ids: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise SamplingError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise SamplingError(f"temperature must be positive (use greedy=True for argmax), got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class Sample:
+    text: str
+    tokens: list[int]  # generated ids, the stop token included when one ended the row
+    logprobs: list[float]  # each token's log-prob under the model, before temperature and filters
+    stop_reason: str  # "stop_token" or "max_new_tokens"
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Top-k then nucleus (top-p) filtering; removed entries become -inf.
+
+    Nucleus keeps the smallest set of most likely tokens whose probability reaches `top_p` (the
+    token that crosses the threshold is kept), as in Holtzman et al. 2020 and transformers.
+    """
+    neg_inf = jnp.finfo(logits_BV.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits_BV, axis=-1)
+        sorted_BV = jnp.take_along_axis(logits_BV, order, axis=-1)
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep_sorted = before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(keep_sorted)
+        logits_BV = jnp.where(keep, logits_BV, neg_inf)
+    return logits_BV
+
+
+def choose(logits_BV, keys_B, cfg: SamplingConfig):
+    """Next token per row and its log-prob under the unmodified distribution."""
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    if cfg.greedy:
+        token_B = jnp.argmax(logits_BV, axis=-1)
+    else:
+        filtered = filter_logits(logits_BV / cfg.temperature, cfg.top_k, cfg.top_p)
+        token_B = jax.vmap(jax.random.categorical)(keys_B, filtered)
+    return token_B.astype(jnp.int32), jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two (at least `minimum`): few distinct shapes, at most 2x padding."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("module", "cfg", "cache_len"))
+def _generate(module: Gemma3, cfg: SamplingConfig, cache_len: int, params, tokens_BT, mask_BT,
+              stop_ids_S, row_keys_B, max_new):
+    """Prefill and decode in one compiled program; returns (tokens_BN, logprobs_BN, lengths_B, stopped_B)."""
+    batch = tokens_BT.shape[0]
+    width = cache_len - tokens_BT.shape[1]  # room for new tokens
+    cache = init_cache(module.config, batch, cache_len, params["embedding"].dtype)
+    positions_BT = positions_from_mask(mask_BT)
+    logits_BTV, cache = module.apply({"params": params}, tokens_BT, positions_BT, cache)
+    next_pos_B = positions_BT[:, -1] + 1
+
+    def body(state):
+        step, logits_BV, cache, pos_B, out_BN, logp_BN, done_B, stopped_B = state
+        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
+        token_B, logp_B = choose(logits_BV, keys_B, cfg)
+        token_B = jnp.where(done_B, 0, token_B)
+        out_BN = out_BN.at[:, step].set(token_B)
+        logp_BN = logp_BN.at[:, step].set(jnp.where(done_B, 0.0, logp_B))
+        hit_B = jnp.any(token_B[:, None] == stop_ids_S[None], axis=-1) & ~done_B
+        stopped_B = stopped_B | hit_B
+        done_B = done_B | hit_B
+        logits_B1V, cache = module.apply({"params": params}, token_B[:, None], pos_B[:, None], cache)
+        return step + 1, logits_B1V[:, 0], cache, pos_B + 1, out_BN, logp_BN, done_B, stopped_B
+
+    def cond(state):
+        step, done_B = state[0], state[6]
+        return (step < max_new) & ~jnp.all(done_B)
+
+    init = (jnp.int32(0), logits_BTV[:, -1], cache, next_pos_B,
+            jnp.zeros((batch, width), jnp.int32), jnp.zeros((batch, width), jnp.float32),
+            jnp.zeros((batch,), bool), jnp.zeros((batch,), bool))
+    step, _, _, _, out_BN, logp_BN, done_B, stopped_B = jax.lax.while_loop(cond, body, init)
+    return out_BN, logp_BN, step, stopped_B
+
+
+class Sampler:
+    """Generates for many prompts in fixed-size batches with one compiled program per bucket."""
+
+    def __init__(self, model, *, batch_size: int = 8):
+        if batch_size <= 0:
+            raise SamplingError(f"batch_size must be positive, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        tok = model.tokenizer
+        self.stop_ids = (tok.end_of_turn_id, tok.eos_id) if tok is not None else (model.config.eos_id,)
+
+    def encode(self, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+        from kwjax.tokenizer import format_user_prompt
+
+        out = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise SamplingError(f"prompt {i} is empty; every prompt needs text")
+            out.append(self.model.tokenizer.encode(format_user_prompt(p) if chat else p, add_bos=True))
+        return out
+
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[int]], cfg: SamplingConfig, *,
+                 chat: bool = False, progress: bool = False) -> list[Sample]:
+        """Samples for each prompt (text, or token ids that already include <bos>)."""
+        cfg.validate()
+        if len(prompts) == 0:
+            raise SamplingError("no prompts given")
+        ids = self.encode(prompts, chat) if isinstance(prompts[0], str) else [list(p) for p in prompts]
+        if any(len(p) == 0 for p in ids):
+            raise SamplingError("a prompt has no tokens")
+        limit = self.model.config.max_position_embeddings
+        for i, p in enumerate(ids):
+            if len(p) + cfg.max_new_tokens > limit:
+                raise SamplingError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} "
+                                    f"it exceeds the model's context of {limit} tokens")
+        stop_ids = tuple(dict.fromkeys(self.stop_ids + tuple(cfg.extra_stop_ids)))
+        batches = range(0, len(ids), self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="sampling", unit="batch")
+        samples: list[Sample] = []
+        for start in batches:
+            samples += self._batch(ids[start:start + self.batch_size], start, cfg, stop_ids)
+        return samples
+
+    def _batch(self, rows: list[list[int]], first_row: int, cfg: SamplingConfig, stop_ids) -> list[Sample]:
+        n = len(rows)
+        rows = rows + [rows[0]] * (self.batch_size - n)  # fixed batch shape: one compile
+        width = bucket(max(map(len, rows)))
+        cache_len = width + bucket(cfg.max_new_tokens, 64)
+        tokens = np.zeros((len(rows), width), np.int32)
+        mask = np.zeros((len(rows), width), bool)
+        for i, r in enumerate(rows):
+            tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
+        base = jax.random.PRNGKey(cfg.seed)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(first_row, first_row + len(rows)))
+        run_cfg = dataclasses.replace(cfg, max_new_tokens=0, seed=0, extra_stop_ids=())  # static part only
+        out, logp, steps, stopped = _generate(
+            self.model.module, run_cfg, cache_len, self.model.params, jnp.asarray(tokens), jnp.asarray(mask),
+            jnp.asarray(stop_ids, jnp.int32), keys, jnp.int32(cfg.max_new_tokens))
+        out, logp, stopped, steps = np.asarray(out), np.asarray(logp), np.asarray(stopped), int(steps)
+        samples = []
+        for i in range(n):
+            toks = out[i, :steps].tolist()
+            end = next((j + 1 for j, t in enumerate(toks) if t in stop_ids), len(toks)) if stopped[i] else \
+                min(steps, cfg.max_new_tokens)
+            toks, lps = toks[:end], logp[i, :end].tolist()
+            text = self.model.tokenizer.decode(toks, skip_special=True) if self.model.tokenizer else ""
+            samples.append(Sample(text, toks, lps, STOP_TOKEN if stopped[i] else MAX_NEW_TOKENS))
+        return samples
 
 
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...] = ()
            ) -> list[list[int]]:
-    """Greedy new tokens for each prompt (stop token included when reached)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    width = max(map(len, prompts))
-    tokens = np.zeros((len(prompts), width), np.int32)
-    mask = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):], mask[i, width - len(p):] = p, True
-    step = _step_fn(model.module)
-    cache = init_cache(model.config, len(prompts), width + max_new_tokens, model.dtype)
-    positions = positions_from_mask(jnp.asarray(mask))
-    logits, cache = step(model.params, jnp.asarray(tokens), positions, cache)
-    next_pos = positions[:, -1:] + 1
-    out = [[] for _ in prompts]
-    done = np.zeros(len(prompts), bool)
-    for _ in range(max_new_tokens):
-        nxt = np.asarray(jnp.argmax(logits, axis=-1))
-        for i, t in enumerate(nxt):
-            if not done[i]:
-                out[i].append(int(t))
-                done[i] = int(t) in stop_ids
-        if done.all():
-            break
-        logits, cache = step(model.params, jnp.asarray(nxt[:, None], jnp.int32), next_pos, cache)
-        next_pos = next_pos + 1
-    return out
+    """Greedy new token ids for prompts given as ids (kept for the demo and quick checks)."""
+    sampler = Sampler(model, batch_size=len(prompts))
+    sampler.stop_ids = tuple(stop_ids) or sampler.stop_ids
+    return [s.tokens for s in sampler.generate(prompts, SamplingConfig(max_new_tokens, greedy=True))]

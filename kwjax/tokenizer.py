@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -447,6 +445,8 @@ def _gguf_vocabulary(meta: dict[str, Any], path: Path) -> tuple[list[str], list[
                              "SentencePiece vocabulary (need tokenizer.ggml.model 'llama', a gemma arch)")
     scores = meta.get("tokenizer.ggml.scores")
     types = meta.get("tokenizer.ggml.token_type")
+    scores = scores.tolist() if hasattr(scores, "tolist") else scores
+    types = types.tolist() if hasattr(types, "tolist") else types
     for name, values in (("scores", scores), ("token_type", types)):
         if not isinstance(values, list) or len(values) != len(tokens):
             raise TokenizerError(f"{path}: tokenizer.ggml.{name} is missing or does not have one entry "
@@ -500,79 +500,16 @@ def _fill_specs(proto: Any, tokens: list[str], meta: dict[str, Any]) -> None:
     norm.escape_whitespaces = True
 
 
-# The GGUF metadata section: header, then (key, type, value) records. Only metadata is read.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """All metadata key/values of a GGUF (v2/v3), without touching tensor data."""
+    from kwjax.gguf_file import GGUFFormatError, read_metadata
+
     try:
-        size = os.path.getsize(path)
-        if size < 24:
-            raise TokenizerError(f"{path}: too small ({size} bytes) to be a GGUF file")
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _GgufCursor(buf, path).metadata()
+        return read_metadata(path)
+    except GGUFFormatError as e:
+        raise TokenizerError(str(e)) from None
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-class _GgufCursor:
-    """Sequential reads over the mapped file, with bounds checks that name the file when it is cut short."""
-
-    def __init__(self, buf: mmap.mmap, path: Path):
-        self.buf, self.path, self.pos = buf, path, 0
-
-    def corrupt(self, what: str) -> TokenizerError:
-        return TokenizerError(f"{self.path}: corrupt or truncated GGUF ({what} at byte {self.pos})")
-
-    def unpack(self, fmt: str) -> tuple:
-        width = struct.calcsize(fmt)
-        if self.pos + width > len(self.buf):
-            raise self.corrupt("unexpected end of file")
-        values = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += width
-        return values
-
-    def string(self) -> str:
-        (length,) = self.unpack("<Q")
-        if self.pos + length > len(self.buf):
-            raise self.corrupt(f"string of {length} bytes past the end")
-        raw = self.buf[self.pos:self.pos + length]
-        self.pos += length
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.corrupt("string that is not UTF-8") from None
-
-    def value(self, vtype: int) -> Any:
-        if vtype in _GGUF_SCALARS:
-            return self.unpack("<" + _GGUF_SCALARS[vtype])[0]
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            etype, count = self.unpack("<IQ")
-            if count > len(self.buf):
-                raise self.corrupt(f"array of {count} items")
-            if etype in _GGUF_SCALARS:
-                return list(self.unpack(f"<{count}{_GGUF_SCALARS[etype]}"))
-            return [self.value(etype) for _ in range(count)]
-        raise self.corrupt(f"unknown value type {vtype}")
-
-    def metadata(self) -> dict[str, Any]:
-        if self.buf[:4] != b"GGUF":
-            raise TokenizerError(f"{self.path}: not a GGUF file (no GGUF magic bytes)")
-        self.pos = 4
-        (version,) = self.unpack("<I")
-        if version not in (2, 3):
-            raise TokenizerError(f"{self.path}: GGUF version {version} is not supported (only 2 and 3)")
-        _tensors, count = self.unpack("<QQ")
-        meta = {}
-        for _ in range(count):
-            key = self.string()
-            (vtype,) = self.unpack("<I")
-            meta[key] = self.value(vtype)
-        return meta
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from kwjax.config import ConfigError, ModelConfig
 from kwjax.weights import layout
-from kwjax.weights.gguf_file import GGUFFile, GGUFFormatError
+from kwjax.gguf_file import GGUFFile, GGUFFormatError
 from kwjax.weights.tree import WeightsError, rows_to_device, set_path, to_device
 
 

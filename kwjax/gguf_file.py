@@ -35,22 +35,11 @@ class TensorInfo:
 
 class GGUFFile:
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         size = self.path.stat().st_size
         with self.path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise GGUFFormatError(f"{self.path}: not a GGUF file")
+            n_tensors, self.fields = _read_header(f, self.path)
             try:
-                version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-                if version not in (2, 3):
-                    raise GGUFFormatError(f"{self.path}: GGUF version {version} is not supported (2 or 3)")
-                self.fields: dict[str, Any] = {}
-                for _ in range(n_kv):
-                    key = _read_string(f)
-                    (vtype,) = struct.unpack("<I", f.read(4))
-                    self.fields[key] = _read_value(f, vtype)
                 infos = []
                 for _ in range(n_tensors):
                     name = _read_string(f)
@@ -58,10 +47,12 @@ class GGUFFile:
                     dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
                     ggml_type, offset = struct.unpack("<IQ", f.read(12))
                     infos.append((name, dims, ggml_type, offset))
-            except (struct.error, UnicodeDecodeError, MemoryError, OverflowError) as e:
-                raise GGUFFormatError(f"{self.path}: damaged GGUF header ({e})") from None
+            except (struct.error, UnicodeDecodeError, MemoryError, OverflowError, GGUFFormatError) as e:
+                raise GGUFFormatError(f"{self.path}: damaged or truncated GGUF tensor table ({e})") from None
             align = int(self.fields.get("general.alignment", 32))
             data_start = -(-f.tell() // align) * align
+        import gguf
+
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, ggml_type, offset in infos:
             try:
@@ -95,11 +86,45 @@ class GGUFFile:
             else np.asarray(out, np.float32).reshape(info.shape)
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata key/values of a GGUF file, without reading the tensor table or data."""
+    path = Path(path)
+    with path.open("rb") as f:
+        return _read_header(f, path)[1]
+
+
+def _read_header(f: BinaryIO, path: Path) -> tuple[int, dict[str, Any]]:
+    """(tensor count, metadata) from the start of the file; errors name the file."""
+    if f.read(4) != b"GGUF":
+        raise GGUFFormatError(f"{path}: not a GGUF file (no GGUF magic bytes)")
+    try:
+        version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version not in (2, 3):
+            raise GGUFFormatError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        fields: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = _read_string(f)
+            (vtype,) = struct.unpack("<I", f.read(4))
+            fields[key] = _read_value(f, vtype)
+    except GGUFFormatError as e:
+        raise GGUFFormatError(f"{path}: corrupt or truncated GGUF metadata ({e})") from None
+    except (struct.error, UnicodeDecodeError, MemoryError, OverflowError, ValueError) as e:
+        raise GGUFFormatError(f"{path}: corrupt or truncated GGUF metadata ({e})") from None
+    return n_tensors, fields
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise GGUFFormatError(f"unexpected end of file ({len(data)} of {n} bytes)")
+    return data
+
+
 def _read_string(f: BinaryIO) -> str:
     (n,) = struct.unpack("<Q", f.read(8))
     if n > 1 << 24:
         raise GGUFFormatError(f"string length {n} is implausible")
-    return f.read(n).decode("utf-8")
+    return _read_exact(f, n).decode("utf-8")
 
 
 def _read_value(f: BinaryIO, vtype: int) -> Any:
@@ -112,7 +137,9 @@ def _read_value(f: BinaryIO, vtype: int) -> Any:
         etype, n = struct.unpack("<IQ", f.read(12))
         if etype in _NUMPY:
             dtype = np.dtype(_NUMPY[etype])
-            return np.frombuffer(f.read(n * dtype.itemsize), dtype=dtype).copy()
+            if n > 1 << 32:
+                raise GGUFFormatError(f"array of {n} items is implausible")
+            return np.frombuffer(_read_exact(f, n * dtype.itemsize), dtype=dtype).copy()
         if etype == _STRING:
             return [_read_string(f) for _ in range(n)]
         return [_read_value(f, etype) for _ in range(n)]

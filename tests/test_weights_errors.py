@@ -152,3 +152,13 @@ def test_incomplete_native_directory_is_not_mistaken(tmp_path):
     shutil.rmtree(tmp_path / "m" / "params")
     with pytest.raises(WeightsError, match=r"m: no 'params' checkpoint folder"):
         kwjax.load(tmp_path / "m", with_tokenizer=False)
+
+
+@pytest.mark.real_weights
+def test_vocabulary_larger_than_embedding(tiny_dir, gguf_path):
+    from kwjax.tokenizer import load_tokenizer
+
+    load_tokenizer(gguf_path).save(tiny_dir)  # 262,144 tokens beside a 512-row embedding
+    with pytest.raises(WeightsError, match=r"ckpt: the tokenizer has 262144 tokens but the model's embedding "
+                                           r"has only 512 rows"):
+        kwjax.load(tiny_dir)

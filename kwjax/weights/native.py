@@ -58,9 +58,30 @@ def read(directory: str | Path, dtype, shardings: Callable[[tuple[str, ...]], An
         return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding)
 
     abstract = jax.tree_util.tree_map_with_path(target, param_shapes(config, dtype))
+    _check_shapes(directory / "params", abstract)
     try:
         params = ocp.StandardCheckpointer().restore(directory / "params", abstract)
     except Exception as e:  # Orbax raises many types; the message is what the user needs
         raise WeightsError(f"{directory / 'params'}: cannot restore parameters for the model in "
                            f"config.json ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     return config, params
+
+
+def _check_shapes(params_dir: Path, abstract: dict) -> None:
+    """Compares stored shapes with the config's before restoring, for an error that names the tensor."""
+    import orbax.checkpoint as ocp
+
+    try:
+        stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
+    except Exception as e:
+        raise WeightsError(f"{params_dir}: unreadable Orbax checkpoint ({type(e).__name__}: {e})") from None
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise WeightsError(f"{params_dir}: parameters do not match config.json (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]})")
+    for key, shape in want.items():
+        if have[key] != shape:
+            raise WeightsError(f"{params_dir}: cannot restore parameters: {key} is stored with shape "
+                               f"{have[key]} but config.json implies {shape}")

@@ -99,6 +99,11 @@ class Attention(nn.Module):
         if cache is None:
             keys_BSKH, values_BSKH, key_pos_BS = k_BTKH, v_BTKH, pos_BT
             new_cache = None
+        elif pos_BT.shape[1] == 1:
+            # Decode: write first, then attend over the cache alone (no per-step concatenation). In a
+            # sliding ring the slot overwritten held position p - window, which is outside the window.
+            new_cache = write_cache(cache, k_BTKH, v_BTKH, pos_BT)
+            keys_BSKH, values_BSKH, key_pos_BS = new_cache["k"], new_cache["v"], new_cache["pos"]
         else:
             keys_BSKH = jnp.concatenate([cache["k"], k_BTKH], axis=1)
             values_BSKH = jnp.concatenate([cache["v"], v_BTKH], axis=1)

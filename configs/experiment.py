@@ -1,0 +1,63 @@
+"""The course experiment's settings: the shipped data, 140/35 split, batch 8, 5 epochs.
+
+  python scripts/train.py --method=dpo --config=configs/experiment.py --config.dpo.beta=0.2
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "gemma3-270m"  # or a gemma-3-1b-it directory, a .gguf, a kwjax model dir
+    c.dtype = "float32"  # parameter dtype: float32 or bfloat16
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_file = ""  # empty: the shipped keyword-literature set (its stored train split)
+    c.data.eval_file = ""  # empty: the shipped validation split
+    c.data.train_limit = 0  # > 0 keeps only the first N training rows (smoke runs, CI)
+    c.data.eval_limit = 0  # > 0 keeps only the first N evaluation rows
+    c.data.max_length = 512  # prompt + response tokens per sequence
+    c.data.too_long = "error"  # rows over max_length: "error", "truncate" (response cut) or "drop"
+    c.data.length_bucket = 64  # sequence lengths are padded up to a multiple of this
+
+    c.batch_size = 8  # examples (SFT) or pairs (DPO) per optimizer step
+    c.grad_accum = 1  # micro-batches per optimizer step; batch_size must divide by it
+    c.epochs = 5
+    c.max_steps = 0  # > 0 stops after this many optimizer steps (tests, smoke runs)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-5
+    c.optimizer.schedule = "cosine"  # cosine, linear or constant, after warmup
+    c.optimizer.warmup_ratio = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.decay_embedding = False  # weight decay applies to matrices; the embedding only if True
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 1.0  # global-norm clipping; 0 disables
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.learning_rate = 2e-5
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.learning_rate = 5e-6
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"  # sigmoid, ipo or hinge
+    c.dpo.label_smoothing = 0.0  # cDPO epsilon (sigmoid loss only)
+    c.dpo.rpo_alpha = 0.0  # > 0 adds alpha * NLL(chosen) (RPO)
+    c.dpo.reference = "precomputed"  # precomputed (cached on disk) or on_the_fly
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.remat = False  # recompute each layer's activations in the backward pass
+    c.logprob_chunk = 128  # response positions per chunk of the vocabulary projection
+
+    c.checkpoint_every = 50  # optimizer steps between checkpoints (and one at the end)
+    c.keep_checkpoints = 3
+    c.export_hf = True  # also write the final model as a Hugging Face directory
+    c.log_every = 1
+    return c

@@ -1,0 +1,39 @@
+"""Training checkpoints with Orbax's CheckpointManager: periodic, final, the last K kept.
+
+A checkpoint holds the train state (params, optimizer state, step) and a JSON record of where the
+run stands (epoch, position in the data order, seed, method). Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint as the latest restorable one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"])
+
+    def close(self) -> None:
+        self.manager.close()

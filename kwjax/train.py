@@ -1,0 +1,525 @@
+"""SFT and DPO training: sharded, jit-compiled train steps over a `jax.sharding.Mesh`.
+
+One model, two parameter trees: the policy being trained and the frozen reference. By default the
+reference's sequence log-probs are computed once over the data before training and cached on disk
+(keyed by the data and the reference weights), so a DPO step runs one model; `dpo.reference =
+"on_the_fly"` computes them inside the step instead, without gradient.
+
+A run is reproducible and resumable: the data order of epoch e is a permutation seeded by (seed, e),
+and a checkpoint records the step, so `--resume` continues with exactly the batches an uninterrupted
+run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kwjax import batching, losses, optimizer, sharding
+from kwjax.checkpoint import Checkpointer
+from kwjax.model import Gemma3, positions_from_mask
+from kwjax.tracking import MetricsWriter
+from kwjax.weights import LoadedModel
+
+log = logging.getLogger(__name__)
+METHODS = ("sft", "dpo", "sft_dpo")
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop: bad configuration, bad data, or a non-finite loss."""
+
+
+@dataclasses.dataclass
+class Data:
+    """Encoded rows of one split: SFT sequences or DPO pairs, with their ids."""
+
+    items: list
+    ids: list[str]
+    report: batching.Report
+    kind: str  # "sft" or "dpo"
+
+    def collate(self, indices, bucket: int, rows: int) -> dict[str, np.ndarray]:
+        chosen = [self.items[i] for i in indices]
+        if self.kind == "sft":
+            return batching.collate(chosen, bucket, rows=rows)
+        return batching.collate_pairs(chosen, bucket, rows=rows)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+
+
+def load_rows(config, kind: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) in the SFT or DPO view: the shipped set, or the configured files."""
+    from kwjax import data
+
+    if config.data.train_file:
+        train = data.load_records(config.data.train_file, kind)
+        evals = data.load_records(config.data.eval_file, kind) if config.data.eval_file else []
+    else:
+        view = data.sft_view if kind == "sft" else data.dpo_view
+        train, evals = view(data.load_examples(split="train")), view(data.load_examples(split="validation"))
+    if config.data.get("train_limit", 0):
+        train = train[:config.data.train_limit]
+    if config.data.get("eval_limit", 0):
+        evals = evals[:config.data.eval_limit]
+    return train, evals
+
+
+def encode(rows: list[dict], tokenizer, config, kind: str) -> Data:
+    fn = batching.encode_sft if kind == "sft" else batching.encode_dpo
+    items, ids, report = fn(tokenizer, rows, config.data.max_length, config.data.too_long)
+    return Data(items, ids, report, kind)
+
+
+# ---- the step -------------------------------------------------------------------------------------
+
+
+def _forward_logps(module: Gemma3, params, batch, chunk: int) -> losses.ResponseLogps:
+    hidden = module.apply({"params": params}, batch["tokens_BT"], positions_from_mask(batch["valid_BT"]),
+                          return_hidden=True)
+    return losses.response_logps(hidden, params["embedding"], batch["target_idx_BR"], batch["targets_BR"],
+                                 batch["target_mask_BR"], chunk=chunk, softcap=module.config.final_logit_softcap)
+
+
+def _split_pairs(x):
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def make_loss_fn(module: Gemma3, method: str, config) -> Callable:
+    """loss(params, micro_batch, ref_params, totals) -> (loss, metrics); totals normalise per step."""
+    chunk = config.logprob_chunk
+
+    def loss_fn(params, micro, ref_params, totals):
+        lp = _forward_logps(module, params, micro, chunk)
+        if method == "sft":
+            loss, metrics = losses.sft_loss(lp, micro["example_mask_B"], totals["tokens"])
+            return loss, metrics
+        if ref_params is not None:  # on-the-fly reference: same module, frozen tree, no gradient
+            ref = _forward_logps(module, jax.lax.stop_gradient(ref_params), micro, chunk).logps_B
+        else:
+            ref = micro["ref_logps_B"]
+        pc, pr = _split_pairs(lp.logps_B)
+        rc, rr = _split_pairs(ref)
+        tc, tr = _split_pairs(lp.num_tokens_B)
+        pair_mask = _split_pairs(micro["example_mask_B"])[0]
+        d = config.dpo
+        loss, metrics = losses.dpo_loss(
+            pc, pr, rc, rr, pair_mask, totals["pairs"], beta=d.beta, loss_type=d.loss_type,
+            label_smoothing=d.label_smoothing, chosen_tokens_B=jnp.maximum(tc, 1.0),
+            rejected_tokens_B=jnp.maximum(tr, 1.0), rpo_alpha=d.rpo_alpha, chosen_nll_sum_B=-pc,
+            num_chosen_tokens_total=totals["chosen_tokens"])
+        lc, lr_ = _split_pairs(lp.mean_logit_B)
+        metrics["logits/chosen"] = jnp.sum(lc * pair_mask) / totals["pairs"]
+        metrics["logits/rejected"] = jnp.sum(lr_ * pair_mask) / totals["pairs"]
+        metrics["num_tokens"] = jnp.sum((tc + tr) * pair_mask)
+        return loss, metrics
+
+    return loss_fn
+
+
+def _totals(batch, method: str):
+    mask = batch["target_mask_BR"].astype(jnp.float32)
+    if method == "sft":
+        return {"tokens": jnp.maximum(mask.sum(), 1.0)}
+    chosen_mask = _split_pairs(mask)[0]
+    pairs = _split_pairs(batch["example_mask_B"])[0].astype(jnp.float32).sum()
+    return {"pairs": jnp.maximum(pairs, 1.0), "chosen_tokens": jnp.maximum(chosen_mask.sum(), 1.0)}
+
+
+def _micro_batches(batch, k: int, method: str):
+    """[B, ...] -> [k, B/k, ...]; DPO keeps each pair's chosen and rejected rows in one micro-batch."""
+    if method == "sft":
+        return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+    def split(x):
+        pairs = x.reshape(2, k, x.shape[0] // (2 * k), *x.shape[1:])
+        return jnp.concatenate([pairs[0], pairs[1]], axis=1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(module, method, config, tx, lr_schedule, on_the_fly: bool):
+    loss_fn = make_loss_fn(module, method, config)
+    k = config.grad_accum
+
+    def step(state, batch, ref_params):
+        totals = _totals(batch, method)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        ref = ref_params if on_the_fly else None
+        if k == 1:
+            (_, metrics), grads = grad_fn(state["params"], batch, ref, totals)
+        else:
+            def body(carry, micro):
+                (_, m), g = grad_fn(state["params"], micro, ref, totals)
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            metric_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: loss_fn(state["params"], jax.tree.map(lambda x: x[0], _micro_batches(batch, k, method)),
+                                ref, totals)[1]))
+            (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), _micro_batches(batch, k, method))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(jnp.add, state["params"], updates)
+        metrics = dict(metrics, grad_norm=optax_global_norm(grads), learning_rate=lr_schedule(state["step"]),
+                       param_norm=optax_global_norm(params))
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return step
+
+
+def optax_global_norm(tree):
+    import optax
+
+    return optax.global_norm(tree)
+
+
+def make_eval_step(module, method, config, on_the_fly: bool):
+    loss_fn = make_loss_fn(module, method, config)
+
+    def step(params, batch, ref_params):
+        return loss_fn(params, batch, ref_params if on_the_fly else None, _totals(batch, method))[1]
+
+    return step
+
+
+# ---- reference log-probs ---------------------------------------------------------------------------
+
+
+def params_fingerprint(params) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(data: Data) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for row_id, (c, r) in zip(data.ids, data.items):
+        h.update(json.dumps([row_id, c.prompt, c.response, r.prompt, r.response]).encode())
+    return h.hexdigest()
+
+
+def reference_logps(module, params, data: Data, config, mesh, cache_root: Path | None, desc: str) -> np.ndarray:
+    """[N, 2] (chosen, rejected) sequence log-probs of the reference, cached on disk by content."""
+    key = None
+    if cache_root is not None:
+        key = f"{data_fingerprint(data)}-{params_fingerprint(params)}-c{config.logprob_chunk}"
+        path = cache_root / f"{key}.npy"
+        if path.is_file():
+            return np.load(path)
+    fwd = jax.jit(lambda p, b: _forward_logps(module, p, b, config.logprob_chunk).logps_B)
+    bsz = config.batch_size
+    out = np.zeros((len(data.items), 2), np.float64)
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(data.items), bsz), desc=desc, unit="batch", leave=False):
+        idx = list(range(start, min(start + bsz, len(data.items))))
+        batch = _device_batch(data.collate(idx, config.data.length_bucket, bsz), mesh)
+        logps = np.asarray(fwd(params, batch))
+        out[idx, 0] = logps[:len(idx)]
+        out[idx, 1] = logps[bsz:bsz + len(idx)]
+    if key is not None:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = cache_root / f".{key}.tmp.npy"
+        np.save(tmp, out)
+        tmp.replace(cache_root / f"{key}.npy")
+    return out
+
+
+def _device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    workdir: Path
+    final_step: int
+    params: Any
+    metrics: list[dict]
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def validate_config(config, method: str) -> None:
+    if method not in ("sft", "dpo"):
+        raise TrainingError(f"unknown method {method!r}; expected one of {METHODS}")
+    if config.batch_size <= 0 or config.epochs <= 0:
+        raise TrainingError(f"batch_size and epochs must be positive (got {config.batch_size}, {config.epochs})")
+    if config.grad_accum <= 0 or config.batch_size % config.grad_accum:
+        raise TrainingError(f"batch_size {config.batch_size} must divide by grad_accum {config.grad_accum}")
+    if config.dpo.loss_type not in losses.LOSS_TYPES:
+        raise TrainingError(f"dpo.loss_type is {config.dpo.loss_type!r}; expected one of {losses.LOSS_TYPES}")
+    if config.dpo.reference not in ("precomputed", "on_the_fly"):
+        raise TrainingError(f"dpo.reference is {config.dpo.reference!r}; expected precomputed or on_the_fly")
+    if config.data.too_long not in batching.TOO_LONG:
+        raise TrainingError(f"data.too_long is {config.data.too_long!r}; expected one of {batching.TOO_LONG}")
+
+
+def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_params=None,
+          resume: bool = False, progress: bool = True, devices=None, interrupt_at: int | None = None) -> Result:
+    """Trains `model` with SFT or DPO. The reference (DPO) is `ref_params`, else the starting weights.
+
+    `model.params` is donated to the first train step (no second copy of the model is kept): use
+    `Result.params` afterwards. `interrupt_at` acts as a Ctrl-C arriving during that step (tests).
+    """
+    validate_config(config, method)
+    workdir = Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    per_step = config.batch_size * (2 if method == "dpo" else 1)
+    divisor = sharding.batch_divisor(mesh) * config.grad_accum
+    if config.batch_size % divisor:
+        raise TrainingError(f"batch_size {config.batch_size} does not divide over the mesh: data×fsdp = "
+                            f"{sharding.batch_divisor(mesh)} devices × grad_accum {config.grad_accum}")
+
+    kind = "sft" if method == "sft" else "dpo"
+    train_rows, eval_rows = load_rows(config, kind)
+    train_data = encode(train_rows, model.tokenizer, config, kind)
+    eval_data = encode(eval_rows, model.tokenizer, config, kind) if eval_rows else None
+    log.info("train data: %s", train_data.report.summary())
+    if not train_data.items:
+        raise TrainingError("no training rows left after encoding: " + train_data.report.summary())
+
+    steps_per_epoch = math.ceil(len(train_data.items) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.get("max_steps", 0):
+        total_steps = min(total_steps, config.max_steps)
+    peak_lr = config[method].get("learning_rate", config.optimizer.learning_rate)
+
+    module = Gemma3(model.config, param_dtype=model.dtype, remat=config.remat)
+    p_shard = sharding.param_shardings(model.params, mesh)
+    params = jax.device_put(model.params, p_shard)
+    tx, lr_schedule = optimizer.make(config.optimizer, peak_lr, total_steps, params)
+
+    on_the_fly = method == "dpo" and config.dpo.reference == "on_the_fly"
+    ref_tree = None
+    ref_cache = {}
+    if method == "dpo":
+        reference = params if ref_params is None else jax.device_put(ref_params, p_shard)
+        if on_the_fly:  # a copy: the policy's buffers are donated to the train step
+            ref_tree = jax.tree.map(jnp.copy, reference)
+        else:
+            from kwjax.paths import cache_dir
+
+            root = cache_dir() / "reference_logps"
+            ref_cache["train"] = reference_logps(module, reference, train_data, config, mesh, root, "reference (train)")
+            if eval_data is not None:
+                ref_cache["eval"] = reference_logps(module, reference, eval_data, config, mesh, root, "reference (eval)")
+            del reference
+
+    # The optimizer state is created under jit with the parameters' shardings.
+    state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)})(params)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    checkpointer = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
+    start_step = 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        if not resume:
+            raise TrainingError(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume to "
+                                "continue that run, or choose a new --workdir")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, meta = checkpointer.restore(latest, abstract)
+        if meta.get("method") != method:
+            raise TrainingError(f"{ckpt_dir}: checkpoint is from a {meta.get('method')} run, not {method}")
+        start_step = int(meta["step"])
+        log.info("resumed from step %d", start_step)
+
+    step_fn = jax.jit(make_train_step(module, method, config, tx, lr_schedule, on_the_fly),
+                      in_shardings=(state_shardings, None, p_shard if on_the_fly else None),
+                      out_shardings=(state_shardings, None), donate_argnums=(0,))
+    eval_fn = jax.jit(make_eval_step(module, method, config, on_the_fly))
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    history: list[dict] = []
+
+    def meta(step: int) -> dict:
+        return {"step": step, "epoch": step // steps_per_epoch, "seed": config.seed, "method": method,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+
+    def batch_for(step: int) -> dict[str, jax.Array]:
+        epoch, pos = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train_data.items))
+        idx = order[pos * config.batch_size:(pos + 1) * config.batch_size]
+        host = train_data.collate(idx, config.data.length_bucket, config.batch_size)
+        if method == "dpo" and not on_the_fly:
+            ref = np.zeros(2 * config.batch_size, np.float32)
+            ref[:len(idx)] = ref_cache["train"][idx, 0]
+            ref[config.batch_size:config.batch_size + len(idx)] = ref_cache["train"][idx, 1]
+            host["ref_logps_B"] = ref
+        return _device_batch(host, mesh)
+
+    def evaluate(step: int) -> dict:
+        if eval_data is None:
+            return {}
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        for start in range(0, len(eval_data.items), config.batch_size):
+            idx = list(range(start, min(start + config.batch_size, len(eval_data.items))))
+            host = eval_data.collate(idx, config.data.length_bucket, config.batch_size)
+            if method == "dpo" and not on_the_fly:
+                ref = np.zeros(2 * config.batch_size, np.float32)
+                ref[:len(idx)] = ref_cache["eval"][idx, 0]
+                ref[config.batch_size:config.batch_size + len(idx)] = ref_cache["eval"][idx, 1]
+                host["ref_logps_B"] = ref
+            weight = float(host["target_mask_BR"].sum()) if method == "sft" else float(len(idx))
+            m = jax.device_get(eval_fn(state["params"], _device_batch(host, mesh), ref_tree))
+            for k, v in m.items():
+                scale = 1.0 if k == "num_tokens" else weight
+                sums[k] = sums.get(k, 0.0) + float(v) * scale
+            weight_total += weight
+        out = {f"eval_{k}": (v if k == "num_tokens" else v / weight_total) for k, v in sums.items()}
+        if method == "sft":
+            out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+        writer.write(step, out, epoch=step / steps_per_epoch)
+        history.append({"step": step, **out})
+        return out
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=method, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    step = start_step
+    interrupted = False
+    last_saved = latest if latest is not None else None
+    try:
+        with _StopFlag() as stop:
+            while step < total_steps:
+                batch = batch_for(step)
+                state, metrics = step_fn(state, batch, ref_tree)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
+                if bad:  # the updated parameters may be poisoned too: never checkpoint this state
+                    kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}" \
+                        if last_saved is not None else "no checkpoint had been written yet"
+                    raise TrainingError(f"{bad[0]} is {metrics[bad[0]]} at step {step + 1} (loss "
+                                        f"{metrics['loss']}); training stopped and this state was not saved; {kept}")
+                step += 1
+                metrics["epoch"] = step / steps_per_epoch
+                if step % config.log_every == 0 or step == total_steps:
+                    writer.write(step, metrics)
+                history.append({"step": step, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                bar.update(1)
+                if interrupt_at is not None and step == interrupt_at:
+                    stop.signal = signal.SIGINT
+                if step % steps_per_epoch == 0 or step == total_steps:
+                    evaluate(step)
+                if step % config.checkpoint_every == 0 or step == total_steps or stop.signal is not None:
+                    checkpointer.save(step, state, meta(step))
+                    last_saved = step
+                if stop.signal is not None:
+                    interrupted = True
+                    log.warning("stopped by signal %d at step %d; checkpoint saved, resume with --resume",
+                                stop.signal, step)
+                    break
+    finally:
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return Result(workdir, step, state["params"], history, interrupted)
+
+
+# ---- whole runs --------------------------------------------------------------------------------------
+
+
+def load_model(config) -> LoadedModel:
+    """The configured model; "tiny" is a random few-layer Gemma 3 around the embedded tokenizer (tests, CI)."""
+    import kwjax
+    from kwjax import config as cfglib
+
+    if config.model == "tiny":
+        from kwjax.paths import embedded_gguf_path
+        from kwjax.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(embedded_gguf_path())
+        mcfg = cfglib.tiny(vocab_size=tok.vocab_size, sliding_window=32, num_layers=3)
+        params = kwjax.model.init_params(mcfg, jax.random.PRNGKey(config.seed))
+        params = {**params, "embedding": params["embedding"] * 0.05}
+        return LoadedModel(mcfg, params, tok, "tiny")
+    return kwjax.load(config.model, dtype=config.dtype)
+
+
+def finish(result: Result, model: LoadedModel, config) -> None:
+    """The final model as a kwjax model directory and, if configured, a Hugging Face directory."""
+    from kwjax.weights import export_hf, save_native
+
+    final = LoadedModel(model.config, result.params, model.tokenizer, str(result.workdir))
+    save_native(final, result.workdir / "model")
+    if config.export_hf:
+        export_hf(final, result.workdir / "hf")
+
+
+def run(config, method: str, workdir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """One command's worth of training: sft, dpo, or sft_dpo (SFT, then DPO from and against the SFT model)."""
+    if method not in METHODS:
+        raise TrainingError(f"unknown method {method!r}; expected one of {METHODS}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model = load_model(config)
+    stages = ["sft", "dpo"] if method == "sft_dpo" else [method]
+    summary = {}
+    ref_params = None
+    for stage in stages:
+        stage_dir = workdir / stage if method == "sft_dpo" else workdir
+        done = stage_dir / "model" / "kwjax.json"
+        if method == "sft_dpo" and stage == "sft" and done.is_file() and not resume:
+            raise TrainingError(f"{stage_dir} already holds a finished SFT model; pass --resume to reuse it, "
+                                "or choose a new --workdir")
+        if method == "sft_dpo" and stage == "sft" and done.is_file():
+            import kwjax
+
+            finished = kwjax.load(stage_dir / "model", dtype=config.dtype)
+            model = LoadedModel(model.config, finished.params, model.tokenizer, str(stage_dir))
+            ref_params = finished.params
+            summary[stage] = {"workdir": str(stage_dir), "reused": True}
+            continue
+        started = time.time()
+        result = train(config, stage, stage_dir, model, ref_params=ref_params, resume=resume, progress=progress)
+        summary[stage] = {"workdir": str(stage_dir), "final_step": result.final_step,
+                          "seconds": round(time.time() - started, 1), "interrupted": result.interrupted,
+                          "last": result.metrics[-1] if result.metrics else {}}
+        if result.interrupted:
+            return summary
+        finish(result, model, config)
+        model = LoadedModel(model.config, result.params, model.tokenizer, str(stage_dir))
+        ref_params = result.params  # SFT -> DPO: the SFT model is both the start and the reference
+    return summary

@@ -1,0 +1,176 @@
+"""Training on a tiny random Gemma 3 with the real tokenizer: equivalences, resume, failure modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from kwjax import train as T
+from kwjax.batching import BatchError
+from kwjax.checkpoint import Checkpointer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    cfg = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
+    cfg.checkpoint_every = 100
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KWJAX_CACHE", str(tmp_path / "cache"))
+
+
+def losses_of(result):
+    return [m["loss"] for m in result.metrics if "loss" in m]
+
+
+def run(cfg, method, workdir, **kw):
+    return T.train(cfg, method, workdir, T.load_model(cfg), progress=False, **kw)
+
+
+def test_precomputed_and_on_the_fly_reference_agree(tmp_path):
+    a = run(tiny_config(), "dpo", tmp_path / "pre")
+    b = run(tiny_config(**{"dpo.reference": "on_the_fly"}), "dpo", tmp_path / "fly")
+    assert len(losses_of(a)) == 3
+    chex.assert_trees_all_close(losses_of(a), losses_of(b), atol=1e-5)
+    assert abs(losses_of(a)[0] - np.log(2)) < 1e-5  # step 1: policy = reference
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    # Adam divides by sqrt(v) + eps: with the default eps=1e-8, embedding rows whose gradient is pure
+    # float noise (~1e-9) get lr-sized updates of arbitrary sign, so two summation orders differ by
+    # ~lr there. A larger eps keeps updates proportional to gradients, so parameters can be compared
+    # tightly; the gradients themselves are what accumulation must reproduce.
+    for method in ("sft", "dpo"):
+        one = run(tiny_config(max_steps=2, **{"optimizer.eps": 1e-3}), method, tmp_path / f"{method}1")
+        acc = run(tiny_config(max_steps=2, grad_accum=2, **{"optimizer.eps": 1e-3}), method, tmp_path / f"{method}2")
+        chex.assert_trees_all_close(losses_of(one), losses_of(acc), atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(one.params, acc.params, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = tiny_config(max_steps=4, checkpoint_every=2)
+    full = run(cfg, "dpo", tmp_path / "full")
+    part = run(cfg, "dpo", tmp_path / "part", interrupt_at=2)
+    assert part.interrupted and part.final_step == 2
+    with pytest.raises(T.TrainingError, match="already holds checkpoints.*--resume"):
+        run(cfg, "dpo", tmp_path / "part")
+    rest = run(cfg, "dpo", tmp_path / "part", resume=True)
+    assert rest.final_step == 4
+    chex.assert_trees_all_close(losses_of(rest), losses_of(full)[2:], atol=1e-5)
+    chex.assert_trees_all_close(rest.params, full.params, atol=1e-5)
+
+
+def test_sft_loss_falls_and_dpo_raises_margins(tmp_path):
+    sft = run(tiny_config(max_steps=12, epochs=10, **{"data.train_limit": 8, "sft.learning_rate": 3e-3}),
+              "sft", tmp_path / "sft")
+    l = losses_of(sft)
+    assert np.mean(l[-3:]) < np.mean(l[:3]) - 1.0, l
+    dpo = run(tiny_config(max_steps=12, epochs=10, **{"data.train_limit": 8, "dpo.learning_rate": 3e-3}),
+              "dpo", tmp_path / "dpo")
+    margins = [m["rewards/margins"] for m in dpo.metrics if "rewards/margins" in m]
+    assert abs(margins[0]) < 1e-4 and np.mean(margins[-3:]) > 0.5, margins
+
+
+def test_metrics_jsonl_and_exports(tmp_path):
+    summary = T.run(tiny_config(export_hf=True), "sft_dpo", tmp_path / "run", progress=False)
+    assert set(summary) == {"sft", "dpo"}
+    rows = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    names = set().union(*rows)
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm",
+                 "learning_rate", "num_tokens", "eval_loss", "eval_rewards/margins"):
+        assert name in names, name
+    assert list((tmp_path / "run" / "dpo" / "tensorboard").iterdir())
+    import kwjax
+
+    for sub in ("model", "hf"):
+        back = kwjax.load(tmp_path / "run" / "dpo" / sub)
+        assert back.config.num_layers == 3
+
+
+def test_rows_longer_than_the_limit(tmp_path):
+    cfg = tiny_config(**{"data.too_long": "error", "data.max_length": 40})
+    with pytest.raises(BatchError, match=r"row kl-\d+: the (chosen )?sequence has \d+ tokens .* over data.max_length=40"):
+        run(cfg, "dpo", tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Warmup from 0 makes step 1 harmless (a good checkpoint); the huge peak rate then overflows.
+    cfg = tiny_config(max_steps=6, checkpoint_every=1, **{"sft.learning_rate": 1e30, "optimizer.clip_norm": 0.0,
+                                                           "optimizer.warmup_ratio": 0.5})
+    with pytest.raises(T.TrainingError, match=r"(loss|grad_norm|param_norm) is (nan|inf) at step \d+ .*"
+                                              r"last good checkpoint \(step \d+\)"):
+        run(cfg, "sft", tmp_path)
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    step = ckpt.latest_step()
+    assert step is not None
+    leaves = jax.tree.leaves(ckpt.manager.restore(step)["state"]["params"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+
+
+def test_unknown_method_and_bad_settings(tmp_path):
+    with pytest.raises(T.TrainingError, match="unknown method 'ppo'"):
+        T.run(tiny_config(), "ppo", tmp_path)
+    with pytest.raises(T.TrainingError, match="must divide by grad_accum 3"):
+        run(tiny_config(grad_accum=3), "sft", tmp_path)
+    with pytest.raises(T.TrainingError, match="dpo.loss_type is 'kto'"):
+        run(tiny_config(**{"dpo.loss_type": "kto"}), "dpo", tmp_path)
+
+
+def train_cli(*args, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ})
+
+
+def test_cli_misspelt_config_key(tmp_path):
+    r = train_cli("--method=sft", "--config=configs/tiny.py", "--config.batchsize=3", f"--workdir={tmp_path}")
+    assert r.returncode != 0 and "batchsize" in r.stderr and "Traceback" not in r.stderr[-2000:], r.stderr[-2000:]
+
+
+def test_cli_sft_dpo_end_to_end(tmp_path):
+    r = train_cli("--method=sft_dpo", "--config=configs/tiny.py", f"--workdir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["sft"]["final_step"] == 3 and summary["dpo"]["final_step"] == 3
+    assert (tmp_path / "dpo" / "model" / "kwjax.json").is_file()
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
+    """SIGKILL a run that checkpoints every step, at varying moments; the latest finished one restores."""
+    for delay in (0.0, 0.15, 0.35):
+        work = tmp_path / f"kill{delay}"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), "--method=sft",
+                                 "--config=configs/tiny.py", "--config.max_steps=50", "--config.checkpoint_every=1",
+                                 f"--workdir={work}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (work / "checkpoints" / "2").exists():
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = Checkpointer(work / "checkpoints")
+        step = ckpt.latest_step()
+        assert step is not None and step >= 1
+        state = ckpt.manager.restore(step)["state"]
+        assert int(state["step"]) == step

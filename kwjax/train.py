@@ -316,6 +316,12 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
     train_data = encode(train_rows, model.tokenizer, config, kind)
     eval_data = encode(eval_rows, model.tokenizer, config, kind) if eval_rows else None
     log.info("train data: %s", train_data.report.summary())
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        reports = {"train": dataclasses.asdict(train_data.report),
+                   "eval": dataclasses.asdict(eval_data.report) if eval_data else None,
+                   "max_length": config.data.max_length, "too_long": config.data.too_long}
+        (workdir / "data_report.json").write_text(json.dumps(reports, indent=2))
     if not train_data.items:
         raise TrainingError("no training rows left after encoding: " + train_data.report.summary())
 

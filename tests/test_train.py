@@ -174,3 +174,11 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
         assert step is not None and step >= 1
         state = ckpt.manager.restore(step)["state"]
         assert int(state["step"]) == step
+
+
+def test_remat_gives_the_same_losses(tmp_path):
+    plain = run(tiny_config(max_steps=2), "sft", tmp_path / "plain")
+    remat = run(tiny_config(max_steps=2, remat=True), "sft", tmp_path / "remat")
+    chex.assert_trees_all_close(losses_of(plain), losses_of(remat), atol=1e-6)
+    report = json.loads((tmp_path / "plain" / "data_report.json").read_text())
+    assert report["train"]["rows"] == 16 and report["too_long"] == "truncate"

@@ -49,3 +49,15 @@ def test_bad_prompts_file_names_the_line(tmp_path):
     f.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n', encoding="utf-8")
     r = run("--prompts_file", str(f))
     assert r.returncode == 2 and f"{f}:2: expected an object" in r.stderr, r.stderr
+
+
+@pytest.mark.real_weights
+def test_top_tokens_cli():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "top_tokens.py"), "--prompt", "The capital of France is",
+                        "--k", "5"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split() == ["rank", "id", "logprob", "token"] and len(lines) == 6
+    logprobs = [float(line.split()[2]) for line in lines[1:]]
+    assert logprobs == sorted(logprobs, reverse=True) and all(lp <= 0 for lp in logprobs)
+    assert any("Paris" in line for line in lines[1:])  # a working 270M ranks it third here

@@ -384,13 +384,17 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
         epoch, pos = divmod(step, steps_per_epoch)
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train_data.items))
         idx = order[pos * config.batch_size:(pos + 1) * config.batch_size]
-        host = train_data.collate(idx, config.data.length_bucket, config.batch_size)
+        return _device_batch(host_batch(train_data, "train", idx), mesh)
+
+    def host_batch(data: Data, split: str, idx) -> dict[str, np.ndarray]:
+        """Collated rows, plus the cached reference log-probs laid out like the stacked pairs."""
+        host = data.collate(idx, config.data.length_bucket, config.batch_size)
         if method == "dpo" and not on_the_fly:
             ref = np.zeros(2 * config.batch_size, np.float32)
-            ref[:len(idx)] = ref_cache["train"][idx, 0]
-            ref[config.batch_size:config.batch_size + len(idx)] = ref_cache["train"][idx, 1]
+            ref[:len(idx)] = ref_cache[split][idx, 0]
+            ref[config.batch_size:config.batch_size + len(idx)] = ref_cache[split][idx, 1]
             host["ref_logps_B"] = ref
-        return _device_batch(host, mesh)
+        return host
 
     def evaluate(step: int) -> dict:
         if eval_data is None:
@@ -399,12 +403,7 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
         weight_total = 0.0
         for start in range(0, len(eval_data.items), config.batch_size):
             idx = list(range(start, min(start + config.batch_size, len(eval_data.items))))
-            host = eval_data.collate(idx, config.data.length_bucket, config.batch_size)
-            if method == "dpo" and not on_the_fly:
-                ref = np.zeros(2 * config.batch_size, np.float32)
-                ref[:len(idx)] = ref_cache["eval"][idx, 0]
-                ref[config.batch_size:config.batch_size + len(idx)] = ref_cache["eval"][idx, 1]
-                host["ref_logps_B"] = ref
+            host = host_batch(eval_data, "eval", idx)
             weight = float(host["target_mask_BR"].sum()) if method == "sft" else float(len(idx))
             m = jax.device_get(eval_fn(state["params"], _device_batch(host, mesh), ref_tree))
             for k, v in m.items():

@@ -305,7 +305,6 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
     workdir = Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    per_step = config.batch_size * (2 if method == "dpo" else 1)
     divisor = sharding.batch_divisor(mesh) * config.grad_accum
     if config.batch_size % divisor:
         raise TrainingError(f"batch_size {config.batch_size} does not divide over the mesh: data×fsdp = "

@@ -8,12 +8,14 @@ OUT_DIR/<d>_<f>_<t>.npz: per-step train metrics, the eval metrics, and the final
 ("sft/loss", "sft/grad_norm", "sft/eval_loss", "sft/params/<path>", same under "dpo/"), plus a JSON
 report <d>_<f>_<t>.json: the shardings the final params came back with (checked here against the
 partition rules; a mismatch makes the worker exit non-zero), the fingerprint of the starting weights,
-and the messages of the batch-over-mesh errors `train` must raise on that mesh.
+and the messages of the batch-over-mesh errors `train` must raise on that mesh, and (8-device meshes)
+what `make_mesh` does with sizes that do and do not fit 8 devices.
 
 The data are the first 16 training and 8 validation rows of the shipped set, written as SFT/DPO files:
 two steps of batch 8 are then exactly one epoch (so the end-of-epoch evaluation runs too), and DPO's
-precomputed reference needs 3 forward batches instead of 23 (the 262k-token vocabulary makes each
-CPU batch cost seconds). Each run gets its own workdir and its own reference cache ($KWJAX_CACHE), so
+precomputed reference needs 3 forward batches instead of 23. Sequences are cut to data.max_length=48
+(responses truncated, length_bucket 16): the 262k-token vocabulary projection dominates the CPU time,
+and with these settings every run compiles one train-step shape. Each run gets its own workdir and its own reference cache ($KWJAX_CACHE), so
 every mesh computes its own reference log-probs on its own mesh.
 """
 
@@ -122,11 +124,26 @@ def batch_errors(mesh, files) -> list[str]:
     return out
 
 
+def mesh_checks() -> dict:
+    """make_mesh on the 8 devices: data=-1 takes the rest; sizes that do not fit raise MeshError."""
+    out = {"-1,2,2": dict(sharding.make_mesh(-1, 2, 2).shape), "-1,1,8": dict(sharding.make_mesh(-1, 1, 8).shape)}
+    for sizes in ((2, 2, 1), (4, 2, 2), (-1, 3, 1), (-1, 1, 16), (0, 1, 1), (2, 0, 4), (-2, 1, 1)):
+        try:
+            sharding.make_mesh(*sizes)
+        except sharding.MeshError as e:
+            out[",".join(map(str, sizes))] = "MeshError: " + str(e)
+        else:
+            out[",".join(map(str, sizes))] = "no error"
+    return out
+
+
 def run_mesh(mesh: tuple[int, int, int], files, out_dir: pathlib.Path) -> None:
     devices = jax.devices()[:1] if mesh == (1, 1, 1) else jax.devices()
     tag = "_".join(map(str, mesh))
     arrays, report = {}, {"mesh": list(mesh), "n_devices": len(devices), "timings": {}}
     report["batch_errors"] = batch_errors(mesh, files)
+    if len(devices) == 8:
+        report["make_mesh"] = mesh_checks()
     for method in ("sft", "dpo"):
         config = make_config(mesh, files, method)
         model = trainlib.load_model(config)  # a fresh copy per run: train() donates model.params

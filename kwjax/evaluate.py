@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from kwjax import batching
+from kwjax import batching, metrics
 from kwjax.sampling import Sampler, SamplingConfig
 from kwjax.weights import LoadedModel
 
@@ -89,7 +89,7 @@ def likelihood_metrics(model: LoadedModel, rows: Sequence[dict], settings: EvalS
     chosen_lp, chosen_n = sequence_logps(model, [c for c, _ in pairs], settings.batch_size)
     rejected_lp, rejected_n = sequence_logps(model, [r for _, r in pairs], settings.batch_size)
     nll = -chosen_lp.sum() / chosen_n.sum()
-    better = chosen_lp / chosen_n > rejected_lp / rejected_n
+    better = metrics.preference_wins(chosen_lp, chosen_n, rejected_lp, rejected_n)
     return {
         "nll_chosen": float(nll),
         "perplexity_chosen": float(math.exp(min(nll, 50.0))),
@@ -105,3 +105,63 @@ def write_samples(path: Path, generations: Sequence[Generation]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for g in generations:
             f.write(json.dumps(dataclasses.asdict(g), ensure_ascii=False) + "\n")
+
+
+INSTRUCTION = "다음 세 단어를 모두 넣어 문학적인 글을 한 편 써 주세요: {}"
+
+
+def rows_from_keywords_file(path: str | Path) -> list[dict]:
+    """Prompts for a plain keywords file (one JSON object per line with `keywords`), outside the data set."""
+    from kwjax.data import DataError
+
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"line {n}", None, f"not valid JSON ({e.msg})") from None
+        kws = obj.get("keywords") if isinstance(obj, dict) else None
+        if not isinstance(kws, list) or not kws or not all(isinstance(k, str) and k.strip() for k in kws):
+            raise DataError(path, f"line {n}", "keywords", "expected a non-empty list of strings")
+        rows.append({"id": obj.get("id", f"{Path(path).name}#{n}"), "keywords": kws,
+                     "prompt": obj.get("prompt") or INSTRUCTION.format(", ".join(kws))})
+    if not rows:
+        raise DataError(path, "", None, "no rows")
+    return rows
+
+
+def evaluate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, output_dir: str | Path, *,
+             progress: bool = True) -> dict:
+    """Generations and every metric for one model; writes metrics.json and samples.jsonl."""
+    output_dir = Path(output_dir)
+    gens = generate(model, rows, settings, progress=progress)
+    write_samples(output_dir / "samples.jsonl", gens)
+    result: dict = {"model": model.source, "settings": dataclasses.asdict(settings), "prompts": len(rows)}
+    for mode in ("greedy", "sample"):
+        sel = [g for g in gens if g.mode == mode]
+        if not sel:
+            continue
+        groups = [g.id or g.prompt for g in sel]
+        values = metrics.generation_values([g.text for g in sel], [g.stop_reason for g in sel],
+                                           groups=groups if mode == "sample" else None)
+        cis = metrics.with_ci(values, groups, seed=settings.seed)
+        with_kw = [g for g in sel if g.keywords]  # rows of users' files may have no keywords
+        if with_kw:
+            cov = [metrics.keyword_coverage(g.text, g.prompt, g.keywords) for g in with_kw]
+            cis.update(metrics.with_ci(metrics.coverage_values(cov), [g.id or g.prompt for g in with_kw],
+                                       seed=settings.seed))
+        block = {name: {"mean": m, "low": lo, "high": hi} for name, (m, lo, hi) in cis.items()}
+        texts = [g.text for g in sel]
+        block["distinct_1"] = metrics.distinct_n(texts, 1)
+        block["distinct_2"] = metrics.distinct_n(texts, 2)
+        result[mode] = block
+    if all("chosen" in r and "rejected" in r for r in rows):
+        lik = likelihood_metrics(model, rows, settings)
+        mean, low, high = metrics.bootstrap_ci(lik.pop("preference_correct"), seed=settings.seed)
+        lik["preference_accuracy"] = {"mean": mean, "low": low, "high": high}
+        result["likelihood"] = lik
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return result

@@ -61,3 +61,28 @@ def test_generate_counts_and_modes(tiny, tmp_path):
     assert [g.tokens for g in gens] == [g.tokens for g in again]  # seeded
     evaluate.write_samples(tmp_path / "s.jsonl", gens)
     assert len((tmp_path / "s.jsonl").read_text(encoding="utf-8").splitlines()) == 6
+
+
+def test_evaluate_writes_metrics_with_intervals(tiny, tmp_path):
+    settings = evaluate.EvalSettings(max_new_tokens=6, num_samples=2, batch_size=2, max_length=256)
+    result = evaluate.evaluate(tiny, ROWS, settings, tmp_path, progress=False)
+    saved = __import__("json").loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert saved["prompts"] == 3
+    for mode in ("greedy", "sample"):
+        for name in ("keyword_coverage/surface", "all_keywords/morpheme", "prompt_echo", "seq_rep_4", "terminated"):
+            m = saved[mode][name]
+            assert m["low"] <= m["mean"] <= m["high"], (mode, name, m)
+    assert 0.0 <= result["likelihood"]["preference_accuracy"]["mean"] <= 1.0
+    assert len((tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()) == 3 * 3
+
+
+def test_keywords_file_rows_and_errors(tmp_path):
+    f = tmp_path / "k.jsonl"
+    f.write_text('{"keywords": ["등대", "소금", "약속"]}\n\n{"keywords": []}\n', encoding="utf-8")
+    from kwjax.data import DataError
+
+    with pytest.raises(DataError, match=r"k\.jsonl, line 3, field 'keywords': expected a non-empty list"):
+        evaluate.rows_from_keywords_file(f)
+    f.write_text('{"keywords": ["등대", "소금", "약속"]}\n', encoding="utf-8")
+    rows = evaluate.rows_from_keywords_file(f)
+    assert rows[0]["keywords"] == ["등대", "소금", "약속"] and "등대, 소금, 약속" in rows[0]["prompt"]

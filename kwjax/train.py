@@ -13,7 +13,6 @@ run would have seen.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from kwjax import batching, losses, optimizer, sharding
 from kwjax.checkpoint import Checkpointer
@@ -173,17 +173,11 @@ def make_train_step(module, method, config, tx, lr_schedule, on_the_fly: bool):
             (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), _micro_batches(batch, k, method))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(jnp.add, state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax_global_norm(grads), learning_rate=lr_schedule(state["step"]),
-                       param_norm=optax_global_norm(params))
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=lr_schedule(state["step"]),
+                       param_norm=optax.global_norm(params))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
-
-
-def optax_global_norm(tree):
-    import optax
-
-    return optax.global_norm(tree)
 
 
 def make_eval_step(module, method, config, on_the_fly: bool):

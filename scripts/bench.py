@@ -47,7 +47,6 @@ def machine() -> dict:
 
 
 def bench_sampling(args) -> dict:
-    import numpy as np
     import torch
     import transformers
 

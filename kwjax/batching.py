@@ -92,7 +92,7 @@ def encode_dpo(tokenizer: Tokenizer, rows: Sequence[dict], max_length: int, too_
     report, out, ids = Report(rows=len(rows)), [], []
     for i, row in enumerate(rows):
         row_id = str(row.get("id", i))
-        before = len(report.dropped)
+        before, truncated_before = len(report.dropped), len(report.truncated)
         chosen = _fit(encode_exchange(tokenizer, row["prompt"], row["chosen"]), max_length, too_long, row_id,
                       "the chosen sequence", report)
         rejected = _fit(encode_exchange(tokenizer, row["prompt"], row["rejected"]), max_length, too_long,
@@ -101,7 +101,7 @@ def encode_dpo(tokenizer: Tokenizer, rows: Sequence[dict], max_length: int, too_
             del report.dropped[before:]
             report.dropped.append(row_id)
             continue
-        report.truncated[:] = list(dict.fromkeys(report.truncated))
+        del report.truncated[truncated_before + 1:]  # a pair truncated on both sides counts once
         out.append((chosen, rejected))
         ids.append(row_id)
     return out, ids, report

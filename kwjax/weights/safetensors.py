@@ -112,6 +112,3 @@ def save(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]
             f.write(array.tobytes())
     tmp.replace(path)
 
-
-def save_dict(path: str | Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    save(path, [(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.__getitem__, metadata)

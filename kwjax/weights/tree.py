@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +34,9 @@ def to_device(array: np.ndarray, dtype, sharding=None) -> jax.Array:
     return jax.device_put(host, sharding) if sharding is not None else jax.device_put(host)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _write_rows(buffer, rows, start):
     return jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0)
-
-
-_write_rows_donated = jax.jit(_write_rows.__wrapped__, donate_argnums=0)
 
 
 def rows_to_device(shape: tuple[int, ...], dtype, get_rows: Callable[[slice], np.ndarray],
@@ -57,5 +53,5 @@ def rows_to_device(shape: tuple[int, ...], dtype, get_rows: Callable[[slice], np
     buffer = jnp.zeros(shape, dtype, device=sharding)
     for start in range(0, shape[0], step):
         block = np.asarray(get_rows(slice(start, min(start + step, shape[0])))).astype(dtype, copy=False)
-        buffer = _write_rows_donated(buffer, block, start)
+        buffer = _write_rows(buffer, block, start)
     return buffer

@@ -10,6 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "gemma3-270m"  # or a gemma-3-1b-it directory, a .gguf, a kwjax model dir
     c.dtype = "float32"  # parameter dtype: float32 or bfloat16
+    c.compute_dtype = ""  # "" = the parameters' dtype; "bfloat16" with float32 dtype: mixed precision
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
@@ -39,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sft = ml_collections.ConfigDict()
     c.sft.learning_rate = 2e-5
+    c.sft.max_steps = 0  # > 0 caps this stage alone (takes precedence over max_steps)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.learning_rate = 5e-6
@@ -47,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dpo.label_smoothing = 0.0  # cDPO epsilon (sigmoid loss only)
     c.dpo.rpo_alpha = 0.0  # > 0 adds alpha * NLL(chosen) (RPO)
     c.dpo.reference = "precomputed"  # precomputed (cached on disk) or on_the_fly
+    c.dpo.max_steps = 0  # > 0 caps this stage alone (in sft_dpo too)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices
@@ -60,4 +63,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.export_hf = True  # also write the final model as a Hugging Face directory
     c.log_every = 1
+
+    # Evaluation (scripts/evaluate.py defaults, and scripts/experiment.py).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.limit = 0  # > 0 evaluates only the first N validation prompts
+    c.eval.max_new_tokens = 256
+    c.eval.num_samples = 4  # seeded samples per prompt, besides the greedy output
+    c.eval.temperature = 1.0
+    c.eval.top_p = 0.95
+    c.eval.batch_size = 36  # decoding is bound by reading the weights: one batch for all 35 prompts
+
+    # scripts/experiment.py: which models, over which training seeds.
+    c.experiment = ml_collections.ConfigDict()
+    c.experiment.name = "full"
+    c.experiment.seeds = (0, 1, 2)  # training data order and sampling seed; each seed trains every method
+    c.experiment.methods = ("sft", "dpo", "sft_dpo")
+    c.experiment.note = "The course experiment's settings: 140/35 split, batch 8, 5 epochs."
+    c.experiment.side_by_side = 4  # validation prompts shown with every model's output in the report
     return c

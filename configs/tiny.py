@@ -23,4 +23,12 @@ def get_config():
     c.optimizer.warmup_ratio = 0.0
     c.sft.learning_rate = 1e-3
     c.dpo.learning_rate = 1e-3
+    c.eval.limit = 4
+    c.eval.max_new_tokens = 8
+    c.eval.num_samples = 1
+    c.eval.batch_size = 4
+    c.experiment.name = "tiny"
+    c.experiment.seeds = (0,)
+    c.experiment.side_by_side = 2
+    c.experiment.note = "Tiny preset (tests, CI): a random 3-layer model; the numbers mean nothing."
     return c

@@ -116,14 +116,22 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def collate(seqs: Sequence[Sequence_], bucket: int, pad_id: int = 0, rows: int | None = None) -> dict[str, np.ndarray]:
-    """Right-padded arrays for a list of sequences; lengths rounded up to `bucket` (few shapes, few compiles).
+def padded_lengths(seqs: Sequence[Sequence_ | None], bucket: int) -> tuple[int, int]:
+    """(sequence length, response length) a batch of these rows is padded to: maxima rounded up to `bucket`."""
+    real = [s for s in seqs if s is not None]
+    if not real:
+        raise ValueError("a batch needs at least one sequence")
+    return (round_up(max(len(s) for s in real), bucket), round_up(max(len(s.response) for s in real), bucket))
 
-    `rows` pads the batch with empty rows (all masks zero) to a fixed size, e.g. a last partial batch.
+
+def collate_rows(seqs: Sequence[Sequence_ | None], seq_len: int, resp_len: int, pad_id: int = 0
+                 ) -> dict[str, np.ndarray]:
+    """Right-padded arrays for rows of given padded lengths; a None row is an empty (all-masked) row.
+
+    Collating any subset of a batch's rows with the batch's `padded_lengths` gives exactly those rows of
+    the whole batch's arrays: a process of a multi-process run collates only the rows its devices hold.
     """
-    rows = rows or len(seqs)
-    seq_len = round_up(max(len(s) for s in seqs), bucket)
-    resp_len = round_up(max(len(s.response) for s in seqs), bucket)
+    rows = len(seqs)
     tokens = np.full((rows, seq_len), pad_id, np.int32)
     valid = np.zeros((rows, seq_len), bool)
     target_idx = np.zeros((rows, resp_len), np.int32)
@@ -131,6 +139,8 @@ def collate(seqs: Sequence[Sequence_], bucket: int, pad_id: int = 0, rows: int |
     target_mask = np.zeros((rows, resp_len), bool)
     example_mask = np.zeros((rows,), bool)
     for i, s in enumerate(seqs):
+        if s is None:
+            continue
         example_mask[i] = True
         full = s.prompt + s.response
         tokens[i, :len(full)], valid[i, :len(full)] = full, True
@@ -141,18 +151,27 @@ def collate(seqs: Sequence[Sequence_], bucket: int, pad_id: int = 0, rows: int |
             "target_mask_BR": target_mask, "example_mask_B": example_mask}
 
 
+def batch_rows(items: Sequence, kind: str, rows: int | None = None) -> list[Sequence_ | None]:
+    """The rows of one batch in collated order: SFT sequences, or DPO's chosen rows then rejected rows,
+    each half padded with None (empty rows) to `rows`."""
+    rows = rows or len(items)
+    pad = [None] * (rows - len(items))
+    if kind == "sft":
+        return list(items) + pad
+    return [c for c, _ in items] + pad + [r for _, r in items] + pad
+
+
+def collate(seqs: Sequence[Sequence_], bucket: int, pad_id: int = 0, rows: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded arrays for a list of sequences; lengths rounded up to `bucket` (few shapes, few compiles).
+
+    `rows` pads the batch with empty rows (all masks zero) to a fixed size, e.g. a last partial batch.
+    """
+    all_rows = batch_rows(seqs, "sft", rows)
+    return collate_rows(all_rows, *padded_lengths(all_rows, bucket), pad_id)
+
+
 def collate_pairs(pairs: Sequence[tuple[Sequence_, Sequence_]], bucket: int, pad_id: int = 0,
                   rows: int | None = None) -> dict[str, np.ndarray]:
     """Chosen rows 0..B-1 then rejected rows B..2B-1, one shared length bucket."""
-    rows = rows or len(pairs)
-    chosen = collate([c for c, _ in pairs], bucket, pad_id, rows)
-    rejected = collate([r for _, r in pairs], bucket, pad_id, rows)
-    out = {}
-    for key in chosen:
-        a, b = chosen[key], rejected[key]
-        if a.ndim == 2:
-            width = max(a.shape[1], b.shape[1])
-            fill = pad_id if key == "tokens_BT" else 0
-            a, b = (np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill) for x in (a, b))
-        out[key] = np.concatenate([a, b], axis=0)
-    return out
+    all_rows = batch_rows(pairs, "dpo", rows)
+    return collate_rows(all_rows, *padded_lengths(all_rows, bucket), pad_id)

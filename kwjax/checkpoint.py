@@ -14,9 +14,22 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 
+def as_path(directory: str | Path):
+    """A local path (made absolute) or, for a URL such as gs://bucket/run, an `etils.epath.Path` that
+    Orbax writes through (gs:// needs `gcsfs`, see docs/TPU.md)."""
+    if "://" in str(directory):
+        from etils import epath
+
+        return epath.Path(str(directory))
+    return Path(directory).expanduser().absolute()
+
+
 class Checkpointer:
+    """Multi-process: every process creates one and calls `save`/`restore` together; Orbax writes each
+    process's shards and process 0 the metadata, so the directory must be one that all processes see."""
+
     def __init__(self, directory: str | Path, keep: int = 3):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),

@@ -42,6 +42,7 @@ class Generation:
     text: str
     tokens: list[int]
     stop_reason: str
+    run: str = ""  # which run of a pooled evaluation (e.g. the training seed)
 
 
 def generate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, *, progress: bool = True
@@ -78,33 +79,67 @@ def sequence_logps(model: LoadedModel, seqs: Sequence[batching.Sequence_], batch
     return logps, counts
 
 
+@dataclasses.dataclass
+class PairLikelihood:
+    """Summed response log-probs and token counts of one validation pair under one model."""
+
+    id: str
+    chosen_logp: float
+    chosen_tokens: int
+    rejected_logp: float
+    rejected_tokens: int
+    run: str = ""
+
+
+def pair_likelihoods(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings) -> list[PairLikelihood]:
+    tok = model.tokenizer
+    pairs, ids, _ = batching.encode_dpo(tok, rows, settings.max_length, "truncate")
+    chosen_lp, chosen_n = sequence_logps(model, [c for c, _ in pairs], settings.batch_size)
+    rejected_lp, rejected_n = sequence_logps(model, [r for _, r in pairs], settings.batch_size)
+    return [PairLikelihood(str(i), float(a), int(b), float(c), int(d))
+            for i, a, b, c, d in zip(ids, chosen_lp, chosen_n, rejected_lp, rejected_n)]
+
+
 def likelihood_metrics(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings) -> dict:
     """Validation NLL and perplexity of the chosen responses, and preference accuracy on the pairs.
 
     Preference accuracy compares length-normalised log-probs, so it works for any model, base included,
     without a reference model.
     """
-    tok = model.tokenizer
-    pairs, _, report = batching.encode_dpo(tok, rows, settings.max_length, "truncate")
-    chosen_lp, chosen_n = sequence_logps(model, [c for c, _ in pairs], settings.batch_size)
-    rejected_lp, rejected_n = sequence_logps(model, [r for _, r in pairs], settings.batch_size)
-    nll = -chosen_lp.sum() / chosen_n.sum()
-    better = metrics.preference_wins(chosen_lp, chosen_n, rejected_lp, rejected_n)
+    lik = pair_likelihoods(model, rows, settings)
+    nll = -sum(p.chosen_logp for p in lik) / sum(p.chosen_tokens for p in lik)
+    better = _wins(lik)
     return {
         "nll_chosen": float(nll),
         "perplexity_chosen": float(math.exp(min(nll, 50.0))),
         "preference_accuracy": float(np.mean(better)),
         "preference_correct": better.astype(int).tolist(),
-        "pairs": len(pairs),
-        "truncated_pairs": len(report.truncated),
+        "pairs": len(lik),
     }
 
 
-def write_samples(path: Path, generations: Sequence[Generation]) -> None:
+def _wins(lik: Sequence[PairLikelihood]) -> np.ndarray:
+    return metrics.preference_wins([p.chosen_logp for p in lik], [p.chosen_tokens for p in lik],
+                                   [p.rejected_logp for p in lik], [p.rejected_tokens for p in lik])
+
+
+def write_jsonl(path: Path, items: Sequence) -> None:
+    """Dataclasses to JSONL, written to a temporary name first so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for g in generations:
-            f.write(json.dumps(dataclasses.asdict(g), ensure_ascii=False) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def write_samples(path: Path, generations: Sequence[Generation]) -> None:
+    write_jsonl(path, generations)
+
+
+def read_jsonl(path: Path, cls):
+    with Path(path).open(encoding="utf-8") as f:
+        return [cls(**json.loads(line)) for line in f if line.strip()]
 
 
 INSTRUCTION = "다음 세 단어를 모두 넣어 문학적인 글을 한 편 써 주세요: {}"
@@ -132,36 +167,74 @@ def rows_from_keywords_file(path: str | Path) -> list[dict]:
     return rows
 
 
-def evaluate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, output_dir: str | Path, *,
-             progress: bool = True) -> dict:
-    """Generations and every metric for one model; writes metrics.json and samples.jsonl."""
-    output_dir = Path(output_dir)
-    gens = generate(model, rows, settings, progress=progress)
-    write_samples(output_dir / "samples.jsonl", gens)
-    result: dict = {"model": model.source, "settings": dataclasses.asdict(settings), "prompts": len(rows)}
+def _block(cis: dict) -> dict:
+    return {name: {"mean": m, "low": lo, "high": hi} for name, (m, lo, hi) in cis.items()}
+
+
+def summarize(generations: Sequence[Generation], likelihoods: Sequence[PairLikelihood] = (), *,
+              seed: int = 0) -> dict:
+    """Every metric, each mean with a prompt-grouped bootstrap 95% interval.
+
+    Works on one evaluation or on several pooled (`run` labels, e.g. training seeds): intervals resample
+    prompts, so several runs' outputs for one prompt count as one unit; Self-BLEU compares a greedy output
+    with the other prompts' outputs of its own run, and a sample with the other samples of its prompt;
+    distinct-n is pooled within a run and averaged over runs.
+    """
+    result: dict = {}
     for mode in ("greedy", "sample"):
-        sel = [g for g in gens if g.mode == mode]
+        sel = [g for g in generations if g.mode == mode]
         if not sel:
             continue
-        groups = [g.id or g.prompt for g in sel]
+        prompt_of = [g.id or g.prompt for g in sel]
+        bleu_groups = [g.run for g in sel] if mode == "greedy" else prompt_of
         values = metrics.generation_values([g.text for g in sel], [g.stop_reason for g in sel],
-                                           groups=groups if mode == "sample" else None)
-        cis = metrics.with_ci(values, groups, seed=settings.seed)
-        with_kw = [g for g in sel if g.keywords]  # rows of users' files may have no keywords
+                                           groups=bleu_groups)
+        cis = metrics.with_ci(values, prompt_of, seed=seed)
+        with_kw = [(g, p) for g, p in zip(sel, prompt_of) if g.keywords]  # users' prompts may have none
         if with_kw:
-            cov = [metrics.keyword_coverage(g.text, g.prompt, g.keywords) for g in with_kw]
-            cis.update(metrics.with_ci(metrics.coverage_values(cov), [g.id or g.prompt for g in with_kw],
-                                       seed=settings.seed))
-        block = {name: {"mean": m, "low": lo, "high": hi} for name, (m, lo, hi) in cis.items()}
-        texts = [g.text for g in sel]
-        block["distinct_1"] = metrics.distinct_n(texts, 1)
-        block["distinct_2"] = metrics.distinct_n(texts, 2)
+            cov = [metrics.keyword_coverage(g.text, g.prompt, g.keywords) for g, _ in with_kw]
+            cis.update(metrics.with_ci(metrics.coverage_values(cov), [p for _, p in with_kw], seed=seed))
+        block = _block(cis)
+        runs = sorted({g.run for g in sel})
+        for n in (1, 2):
+            block[f"distinct_{n}"] = float(np.mean([metrics.distinct_n([g.text for g in sel if g.run == r], n)
+                                                    for r in runs]))
         result[mode] = block
+    if likelihoods:
+        groups = [p.id for p in likelihoods]
+        nll = metrics.ratio_bootstrap_ci([-p.chosen_logp for p in likelihoods],
+                                         [p.chosen_tokens for p in likelihoods], groups, seed=seed)
+        acc = metrics.grouped_bootstrap_ci(_wins(likelihoods), groups, seed=seed)
+        result["likelihood"] = {
+            **_block({"nll_chosen": nll, "preference_accuracy": acc}),
+            "perplexity_chosen": {k: float(math.exp(min(v, 50.0))) for k, v in zip(("mean", "low", "high"), nll)},
+            "pairs": len(set(groups)),
+        }
+    return result
+
+
+def evaluate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, output_dir: str | Path, *,
+             progress: bool = True, run: str = "") -> dict:
+    """Generations and every metric for one model: metrics.json, samples.jsonl and likelihoods.jsonl.
+
+    Files are written only when complete, so an interrupted evaluation leaves no metrics.json and a
+    rerun (the experiment's reuse check) evaluates again.
+    """
+    output_dir = Path(output_dir)
+    gens = generate(model, rows, settings, progress=progress)
+    for g in gens:
+        g.run = run
+    lik: list[PairLikelihood] = []
     if all("chosen" in r and "rejected" in r for r in rows):
-        lik = likelihood_metrics(model, rows, settings)
-        mean, low, high = metrics.bootstrap_ci(lik.pop("preference_correct"), seed=settings.seed)
-        lik["preference_accuracy"] = {"mean": mean, "low": low, "high": high}
-        result["likelihood"] = lik
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+        lik = pair_likelihoods(model, rows, settings)
+        for p in lik:
+            p.run = run
+    write_samples(output_dir / "samples.jsonl", gens)
+    if lik:
+        write_jsonl(output_dir / "likelihoods.jsonl", lik)
+    result: dict = {"model": model.source, "settings": dataclasses.asdict(settings), "prompts": len(rows),
+                    **summarize(gens, lik, seed=settings.seed)}
+    tmp = output_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    tmp.replace(output_dir / "metrics.json")
     return result

@@ -32,7 +32,7 @@ __all__ = [
     "ECHO_MIN_CHARS", "find_prompt_echo", "mask_prompt_echo", "Coverage", "keyword_coverage",
     "coverage_values", "coverage_summary",
     "preference_wins", "preference_accuracy",
-    "bootstrap_ci", "grouped_bootstrap_ci", "with_ci",
+    "bootstrap_ci", "grouped_bootstrap_ci", "ratio_bootstrap_ci", "with_ci",
 ]
 
 UNITS = ("word", "char")
@@ -550,6 +550,31 @@ def grouped_bootstrap_ci(
     idx = _group_indices(groups, len(v))
     sums = np.array([v[i].sum() for i in idx])
     counts = np.array([float(len(i)) for i in idx])
+    return _percentile_interval(sums, counts, n_resamples, seed, alpha)
+
+
+def ratio_bootstrap_ci(
+    numerators: Iterable[float],
+    denominators: Iterable[float],
+    groups: Sequence[Hashable] | None = None,
+    *,
+    n_resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """sum(numerators) / sum(denominators) with a bootstrap interval over units (or groups of them).
+
+    For token-weighted means such as NLL per token: each pair contributes its summed NLL and its token
+    count, and resampling pairs (not tokens) respects that a passage's tokens are not independent.
+    """
+    num, den = _check_values(numerators), _check_values(denominators)
+    if num.shape != den.shape:
+        raise ValueError(f"{len(num)} numerators but {len(den)} denominators")
+    if (den <= 0).any():
+        raise ValueError("denominators must be positive")
+    idx = _group_indices(groups, len(num)) if groups is not None else [[i] for i in range(len(num))]
+    sums = np.array([num[i].sum() for i in idx])
+    counts = np.array([den[i].sum() for i in idx])
     return _percentile_interval(sums, counts, n_resamples, seed, alpha)
 
 

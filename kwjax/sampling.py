@@ -58,23 +58,73 @@ class Sample:
     stop_reason: str  # "stop_token" or "max_new_tokens"
 
 
-def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+NUCLEUS_CANDIDATES = 1024  # top-p looks among this many most likely tokens first (see filter_logits)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys whose order is the float32 order (the radix-sort trick: flip negatives entirely,
+    set the sign bit of positives)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _nucleus_candidates(logits_BV: jax.Array, probs_BV: jax.Array, top_p: float, candidates: int):
+    """Kept-token mask from the `candidates` most likely tokens, and whether they settle every row
+    (they do when they hold at least `top_p` of the mass: the crossing token is among them)."""
+    B, V = logits_BV.shape
+    sorted_BK, order_BK = jax.lax.top_k(logits_BV, candidates)  # ties: lower id first, as a stable sort
+    p_BK = jnp.take_along_axis(probs_BV, order_BK, axis=-1)
+    before = jnp.cumsum(p_BK, axis=-1) - p_BK  # mass of strictly more likely tokens
+    keep = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order_BK].set(before < top_p)
+    return keep, jnp.all(p_BK.sum(axis=-1) >= top_p)
+
+
+def _nucleus_bisect(logits_BV: jax.Array, probs_BV: jax.Array, top_p: float) -> jax.Array:
+    """Kept-token mask by binary search for the threshold, without sorting the vocabulary.
+
+    Token i is kept iff the mass above it, S(l_i) = sum of p_j over l_j > l_i, is below `top_p`. S falls
+    as l rises, so the kept set is {l_i >= T} for the smallest key T with S(T) < top_p: 32 halvings of
+    the uint32 key range find T exactly. Tokens tied with the crossing token are all kept (a sort would
+    keep them in id order until the mass is reached; float ties at that point are vanishingly rare).
+    """
+    keys_BV = _order_keys(logits_BV)
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        above = jnp.sum(jnp.where(keys_BV > mid[:, None], probs_BV, 0.0), axis=-1)
+        ok = above < top_p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    B = logits_BV.shape[0]
+    lo = jnp.zeros((B,), jnp.uint32)
+    hi = jnp.full((B,), jnp.iinfo(jnp.uint32).max, jnp.uint32)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return keys_BV >= lo[:, None]
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float, *,
+                  candidates: int | None = NUCLEUS_CANDIDATES) -> jax.Array:
     """Top-k then nucleus (top-p) filtering; removed entries become -inf.
 
     Nucleus keeps the smallest set of most likely tokens whose probability reaches `top_p` (the
     token that crosses the threshold is kept), as in Holtzman et al. 2020 and transformers.
+    Sorting a 262k vocabulary every step costs seconds on a CPU, so the nucleus is looked for among
+    the `candidates` most likely tokens (`lax.top_k`); where those hold less than `top_p` of the mass
+    (a flat distribution) the step finds the threshold by bisection instead (`_nucleus_bisect`).
+    `candidates=None` always bisects.
     """
     neg_inf = jnp.finfo(logits_BV.dtype).min
     if top_k > 0:
         kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
     if top_p < 1.0:
-        order = jnp.argsort(-logits_BV, axis=-1)
-        sorted_BV = jnp.take_along_axis(logits_BV, order, axis=-1)
-        probs = jax.nn.softmax(sorted_BV, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-        keep_sorted = before < top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(order.shape[0])[:, None], order].set(keep_sorted)
+        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+        if candidates is None or candidates >= logits_BV.shape[-1]:
+            keep = _nucleus_bisect(logits_BV, probs_BV, top_p)
+        else:
+            keep, settled = _nucleus_candidates(logits_BV, probs_BV, top_p, candidates)
+            keep = jax.lax.cond(settled, lambda: keep, lambda: _nucleus_bisect(logits_BV, probs_BV, top_p))
         logits_BV = jnp.where(keep, logits_BV, neg_inf)
     return logits_BV
 

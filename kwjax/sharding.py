@@ -8,6 +8,7 @@ mesh shape works for every model size.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
@@ -34,7 +35,9 @@ class MeshError(ValueError):
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
+    """The (data, fsdp, tensor) mesh over `devices` (default: every device of every process)."""
+    explicit = devices is not None
+    devices = list(devices if explicit else jax.devices())
     n = len(devices)
     if min(fsdp, tensor) < 1 or data == 0 or data < -1:
         raise MeshError(f"mesh sizes must be positive (data may be -1): data={data} fsdp={fsdp} tensor={tensor}")
@@ -45,7 +48,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     if data * fsdp * tensor != n:
         raise MeshError(f"mesh data={data} × fsdp={fsdp} × tensor={tensor} = {data * fsdp * tensor} "
                         f"but there are {n} devices")
-    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), AXES)
+    return Mesh(_arrange(devices, (data, fsdp, tensor), explicit), AXES)
+
+
+def _arrange(devices: list, shape: tuple[int, int, int], explicit: bool) -> np.ndarray:
+    """Devices laid out as the mesh: on a TPU slice by its physical topology (so the fsdp and tensor
+    axes, the most communication-heavy, run over neighbouring chips), otherwise in the given order."""
+    if not explicit and devices[0].platform == "tpu":
+        from jax.experimental import mesh_utils
+
+        try:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError) as e:  # a shape the topology cannot host
+            logging.getLogger(__name__).warning("mesh %s: no topology-aware layout (%s); devices in id order",
+                                                shape, e)
+    return np.asarray(devices).reshape(shape)
 
 
 def _path(keys) -> str:

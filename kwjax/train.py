@@ -8,6 +8,13 @@ reference's sequence log-probs are computed once over the data before training a
 A run is reproducible and resumable: the data order of epoch e is a permutation seeded by (seed, e),
 and a checkpoint records the step, so `--resume` continues with exactly the batches an uninterrupted
 run would have seen.
+
+The same code runs multi-process (a Cloud TPU slice; `kwjax.distributed`): every process encodes the
+data, builds the same global batch order and collates only the rows its own devices hold; the
+reference pass and evaluation run on the same sharded batches with their results replicated to every
+process; Orbax checkpoints are written by all processes; metrics, progress, reports and exports come
+from process 0. A 2-process run computes the losses of a 1-process run on the same mesh shape
+(tests/test_multiprocess.py).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kwjax import batching, losses, optimizer, sharding
+from kwjax import batching, distributed, losses, optimizer, sharding
 from kwjax.checkpoint import Checkpointer
 from kwjax.model import Gemma3, positions_from_mask
 from kwjax.tracking import MetricsWriter
@@ -55,6 +62,10 @@ class Data:
         if self.kind == "sft":
             return batching.collate(chosen, bucket, rows=rows)
         return batching.collate_pairs(chosen, bucket, rows=rows)
+
+    def rows(self, indices, batch_size: int) -> list:
+        """The batch's rows in collated order (DPO: chosen rows, then rejected rows); None pads."""
+        return batching.batch_rows([self.items[i] for i in indices], self.kind, batch_size)
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -93,6 +104,25 @@ def _forward_logps(module: Gemma3, params, batch, chunk: int) -> losses.Response
                                  batch["target_mask_BR"], chunk=chunk, softcap=module.config.final_logit_softcap)
 
 
+def compute_dtype(config, param_dtype):
+    """The dtype of the forward and backward pass: `config.compute_dtype` (e.g. bfloat16 with float32
+    parameters: mixed precision, the optimizer updating float32 master weights), else the parameters'."""
+    name = config.get("compute_dtype", "") or ""
+    if not name:
+        return None
+    from kwjax.weights import parse_dtype
+
+    dtype = jnp.dtype(parse_dtype(name))
+    return None if dtype == jnp.dtype(param_dtype) else dtype
+
+
+def _cast(params, dtype):
+    """The parameters as the compute dtype sees them (gradients flow back to the master dtype)."""
+    if dtype is None:
+        return params
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def _split_pairs(x):
     half = x.shape[0] // 2
     return x[:half], x[half:]
@@ -101,14 +131,15 @@ def _split_pairs(x):
 def make_loss_fn(module: Gemma3, method: str, config) -> Callable:
     """loss(params, micro_batch, ref_params, totals) -> (loss, metrics); totals normalise per step."""
     chunk = config.logprob_chunk
+    cdtype = compute_dtype(config, module.param_dtype)
 
     def loss_fn(params, micro, ref_params, totals):
-        lp = _forward_logps(module, params, micro, chunk)
+        lp = _forward_logps(module, _cast(params, cdtype), micro, chunk)
         if method == "sft":
             loss, metrics = losses.sft_loss(lp, micro["example_mask_B"], totals["tokens"])
             return loss, metrics
         if ref_params is not None:  # on-the-fly reference: same module, frozen tree, no gradient
-            ref = _forward_logps(module, jax.lax.stop_gradient(ref_params), micro, chunk).logps_B
+            ref = _forward_logps(module, _cast(jax.lax.stop_gradient(ref_params), cdtype), micro, chunk).logps_B
         else:
             ref = micro["ref_logps_B"]
         pc, pr = _split_pairs(lp.logps_B)
@@ -193,49 +224,80 @@ def make_eval_step(module, method, config, on_the_fly: bool):
 
 
 def params_fingerprint(params) -> str:
+    """Content hash of a params tree, whatever its sharding (multi-process: every process must call it)."""
     h = hashlib.blake2b(digest_size=16)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+        h.update(distributed.to_host(leaf).tobytes())  # one leaf at a time: host memory stays one leaf
     return h.hexdigest()
 
 
 def data_fingerprint(data: Data) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for row_id, (c, r) in zip(data.ids, data.items):
-        h.update(json.dumps([row_id, c.prompt, c.response, r.prompt, r.response]).encode())
+    for row_id, item in zip(data.ids, data.items):
+        if data.kind == "sft":
+            h.update(json.dumps([row_id, item.prompt, item.response]).encode())
+        else:
+            c, r = item
+            h.update(json.dumps([row_id, c.prompt, c.response, r.prompt, r.response]).encode())
     return h.hexdigest()
 
 
 def reference_logps(module, params, data: Data, config, mesh, cache_root: Path | None, desc: str) -> np.ndarray:
-    """[N, 2] (chosen, rejected) sequence log-probs of the reference, cached on disk by content."""
-    key = None
+    """[N, 2] (chosen, rejected) sequence log-probs of the reference, cached on disk by content.
+
+    Multi-process: every process computes its rows of every batch; the log-probs come back replicated,
+    so every process holds all [N, 2]. Only process 0 reads and writes the cache (its disk), and tells
+    the others whether it found the values, so all processes run the same collectives.
+    """
+    cdtype = compute_dtype(config, module.param_dtype)
+    key = path = None
     if cache_root is not None:
         key = f"{data_fingerprint(data)}-{params_fingerprint(params)}-c{config.logprob_chunk}"
+        if cdtype is not None:
+            key += f"-{cdtype.name}"
         path = cache_root / f"{key}.npy"
-        if path.is_file():
-            return np.load(path)
-    fwd = jax.jit(lambda p, b: _forward_logps(module, p, b, config.logprob_chunk).logps_B)
+    found = np.load(path) if path is not None and distributed.is_main() and path.is_file() else None
+    if distributed.any_process(found is not None):  # process 0 found it: everyone takes its values
+        return distributed.broadcast(found if found is not None else np.zeros((len(data.items), 2)))
+    fwd = jax.jit(lambda p, b: _forward_logps(module, _cast(p, cdtype), b, config.logprob_chunk).logps_B,
+                  out_shardings=sharding.replicated(mesh))
     bsz = config.batch_size
     out = np.zeros((len(data.items), 2), np.float64)
     from tqdm import tqdm
 
-    for start in tqdm(range(0, len(data.items), bsz), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(data.items), bsz), desc=desc, unit="batch", leave=False,
+                      disable=not distributed.is_main()):
         idx = list(range(start, min(start + bsz, len(data.items))))
-        batch = _device_batch(data.collate(idx, config.data.length_bucket, bsz), mesh)
+        batch = global_batch(data, idx, config, mesh)
         logps = np.asarray(fwd(params, batch))
         out[idx, 0] = logps[:len(idx)]
         out[idx, 1] = logps[bsz:bsz + len(idx)]
-    if key is not None:
+    if path is not None and distributed.is_main():
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = cache_root / f".{key}.tmp.npy"
         np.save(tmp, out)
-        tmp.replace(cache_root / f"{key}.npy")
+        tmp.replace(path)
     return out
 
 
-def _device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+def global_batch(data: Data, idx, config, mesh, ref_logps: np.ndarray | None = None) -> dict[str, jax.Array]:
+    """The global batch of rows `idx` (padded to config.batch_size), sharded over the mesh's batch axes.
+
+    Every process knows every row, so all agree on the padded lengths; each collates and transfers only
+    the rows its own devices hold. `ref_logps` ([N, 2] cached reference log-probs) adds `ref_logps_B`,
+    laid out like the stacked pairs.
+    """
+    rows = data.rows(idx, config.batch_size)
+    seq_len, resp_len = batching.padded_lengths(rows, config.data.length_bucket)
+    local = distributed.process_rows(mesh, len(rows))
+    host = batching.collate_rows([rows[i] for i in local], seq_len, resp_len)
+    if ref_logps is not None:
+        ref = np.zeros(len(rows), np.float32)
+        ref[:len(idx)] = ref_logps[idx, 0]
+        ref[config.batch_size:config.batch_size + len(idx)] = ref_logps[idx, 1]
+        host["ref_logps_B"] = ref[local]
+    return distributed.global_batch(mesh, host, len(rows))
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -289,27 +351,49 @@ def validate_config(config, method: str) -> None:
 
 
 def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_params=None,
-          resume: bool = False, progress: bool = True, devices=None, interrupt_at: int | None = None) -> Result:
+          resume: bool = False, progress: bool = True, devices=None, interrupt_at: int | None = None,
+          checkpoint_dir: str | Path | None = None) -> Result:
     """Trains `model` with SFT or DPO. The reference (DPO) is `ref_params`, else the starting weights.
 
     `model.params` is donated to the first train step (no second copy of the model is kept): use
     `Result.params` afterwards. `interrupt_at` acts as a Ctrl-C arriving during that step (tests).
+    Checkpoints go to `checkpoint_dir` (a path, or a gs:// URL), by default WORKDIR/checkpoints.
+
+    Multi-process (after `kwjax.distributed.initialize()`), every process calls this with the same
+    arguments; `model` is each process's own copy of the same weights (checked).
     """
     validate_config(config, method)
     workdir = Path(workdir)
-    ckpt_dir = workdir / "checkpoints"
+    ckpt_dir = checkpoint_dir if checkpoint_dir is not None else workdir / "checkpoints"
+    if "://" not in str(ckpt_dir):
+        ckpt_dir = Path(ckpt_dir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     divisor = sharding.batch_divisor(mesh) * config.grad_accum
     if config.batch_size % divisor:
+        where = ""
+        if distributed.is_multiprocess():
+            where = (f" ({jax.process_count()} processes × {jax.local_device_count()} local devices; set "
+                     f"batch_size to a multiple of {divisor})")
         raise TrainingError(f"batch_size {config.batch_size} does not divide over the mesh: data×fsdp = "
-                            f"{sharding.batch_divisor(mesh)} devices × grad_accum {config.grad_accum}")
+                            f"{sharding.batch_divisor(mesh)} devices × grad_accum {config.grad_accum}{where}")
+
+    distributed.check_shared_dir(ckpt_dir, "the checkpoint directory")  # before any work (multi-process)
 
     kind = "sft" if method == "sft" else "dpo"
     train_rows, eval_rows = load_rows(config, kind)
     train_data = encode(train_rows, model.tokenizer, config, kind)
     eval_data = encode(eval_rows, model.tokenizer, config, kind) if eval_rows else None
     log.info("train data: %s", train_data.report.summary())
-    if jax.process_index() == 0:
+    if distributed.is_multiprocess():  # the same settings, data and weights everywhere, or a clear error
+        distributed.all_equal({"config": distributed.digest(config.to_json_best_effort(sort_keys=True)),
+                               "training data": distributed.digest(data_fingerprint(train_data)),
+                               "evaluation data": distributed.digest(data_fingerprint(eval_data) if eval_data
+                                                                     else "none")},
+                              "the configuration or the data")
+        distributed.all_equal({**distributed.params_digests(model.params),
+                               **{f"reference {k}": v for k, v in distributed.params_digests(ref_params or {}).items()}},
+                              "the starting weights")
+    if distributed.is_main():
         workdir.mkdir(parents=True, exist_ok=True)
         reports = {"train": dataclasses.asdict(train_data.report),
                    "eval": dataclasses.asdict(eval_data.report) if eval_data else None,
@@ -320,20 +404,21 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
 
     steps_per_epoch = math.ceil(len(train_data.items) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
-    if config.get("max_steps", 0):
-        total_steps = min(total_steps, config.max_steps)
+    cap = config[method].get("max_steps", 0) or config.get("max_steps", 0)  # the stage's own cap wins
+    if cap:
+        total_steps = min(total_steps, cap)
     peak_lr = config[method].get("learning_rate", config.optimizer.learning_rate)
 
     module = Gemma3(model.config, param_dtype=model.dtype, remat=config.remat)
     p_shard = sharding.param_shardings(model.params, mesh)
-    params = jax.device_put(model.params, p_shard)
+    params = distributed.put_global(model.params, p_shard)
     tx, lr_schedule = optimizer.make(config.optimizer, peak_lr, total_steps, params)
 
     on_the_fly = method == "dpo" and config.dpo.reference == "on_the_fly"
     ref_tree = None
     ref_cache = {}
     if method == "dpo":
-        reference = params if ref_params is None else jax.device_put(ref_params, p_shard)
+        reference = params if ref_params is None else distributed.put_global(ref_params, p_shard)
         if on_the_fly:  # a copy: the policy's buffers are donated to the train step
             ref_tree = jax.tree.map(jnp.copy, reference)
         else:
@@ -364,9 +449,10 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
 
     step_fn = jax.jit(make_train_step(module, method, config, tx, lr_schedule, on_the_fly),
                       in_shardings=(state_shardings, None, p_shard if on_the_fly else None),
-                      out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(module, method, config, on_the_fly))
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    # metrics come back replicated: every process reads them (np.asarray of a sharded array fails there)
+    eval_fn = jax.jit(make_eval_step(module, method, config, on_the_fly), out_shardings=sharding.replicated(mesh))
+    writer = MetricsWriter(workdir, enabled=distributed.is_main())
     history: list[dict] = []
 
     def meta(step: int) -> dict:
@@ -377,17 +463,7 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
         epoch, pos = divmod(step, steps_per_epoch)
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train_data.items))
         idx = order[pos * config.batch_size:(pos + 1) * config.batch_size]
-        return _device_batch(host_batch(train_data, "train", idx), mesh)
-
-    def host_batch(data: Data, split: str, idx) -> dict[str, np.ndarray]:
-        """Collated rows, plus the cached reference log-probs laid out like the stacked pairs."""
-        host = data.collate(idx, config.data.length_bucket, config.batch_size)
-        if method == "dpo" and not on_the_fly:
-            ref = np.zeros(2 * config.batch_size, np.float32)
-            ref[:len(idx)] = ref_cache[split][idx, 0]
-            ref[config.batch_size:config.batch_size + len(idx)] = ref_cache[split][idx, 1]
-            host["ref_logps_B"] = ref
-        return host
+        return global_batch(train_data, idx, config, mesh, ref_cache.get("train"))
 
     def evaluate(step: int) -> dict:
         if eval_data is None:
@@ -396,9 +472,10 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
         weight_total = 0.0
         for start in range(0, len(eval_data.items), config.batch_size):
             idx = list(range(start, min(start + config.batch_size, len(eval_data.items))))
-            host = host_batch(eval_data, "eval", idx)
-            weight = float(host["target_mask_BR"].sum()) if method == "sft" else float(len(idx))
-            m = jax.device_get(eval_fn(state["params"], _device_batch(host, mesh), ref_tree))
+            batch = global_batch(eval_data, idx, config, mesh, ref_cache.get("eval"))
+            # SFT: weighted by response tokens (the batch's target_mask sum), DPO: by pairs
+            weight = float(sum(len(eval_data.items[i].response) for i in idx)) if method == "sft" else float(len(idx))
+            m = jax.device_get(eval_fn(state["params"], batch, ref_tree))
             for k, v in m.items():
                 scale = 1.0 if k == "num_tokens" else weight
                 sums[k] = sums.get(k, 0.0) + float(v) * scale
@@ -412,8 +489,8 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, desc=method, unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc=method, unit="step",
+               disable=not progress or not distributed.is_main(), dynamic_ncols=True)
     step = start_step
     interrupted = False
     last_saved = latest if latest is not None else None
@@ -438,15 +515,18 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
                 bar.update(1)
                 if interrupt_at is not None and step == interrupt_at:
                     stop.signal = signal.SIGINT
+                # A signal may reach one host only (Ctrl-C, a preempted worker): all processes stop together.
+                stopping = distributed.any_process(stop.signal is not None)
                 if step % steps_per_epoch == 0 or step == total_steps:
                     evaluate(step)
-                if step % config.checkpoint_every == 0 or step == total_steps or stop.signal is not None:
+                if step % config.checkpoint_every == 0 or step == total_steps or stopping:
                     checkpointer.save(step, state, meta(step))
                     last_saved = step
-                if stop.signal is not None:
+                if stopping:
                     interrupted = True
-                    log.warning("stopped by signal %d at step %d; checkpoint saved, resume with --resume",
-                                stop.signal, step)
+                    log.warning("stopped by %s at step %d; checkpoint saved, resume with --resume",
+                                f"signal {stop.signal}" if stop.signal is not None else "a signal to another process",
+                                step)
                     break
     finally:
         bar.close()
@@ -476,29 +556,58 @@ def load_model(config) -> LoadedModel:
 
 
 def finish(result: Result, model: LoadedModel, config) -> None:
-    """The final model as a kwjax model directory and, if configured, a Hugging Face directory."""
+    """The final model as a kwjax model directory and, if configured, a Hugging Face directory.
+
+    Multi-process: every process takes part in gathering the parameters (a collective, one tensor at a
+    time); process 0 alone writes both directories, on its own disk.
+    """
     from kwjax.weights import export_hf, save_native
 
-    final = LoadedModel(model.config, result.params, model.tokenizer, str(result.workdir))
+    params = result.params
+    if distributed.is_multiprocess():
+        gathered = {}
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(params):
+            host = distributed.to_host(leaf)
+            if distributed.is_main():
+                gathered[keys] = host
+        if not distributed.is_main():
+            return
+        params = jax.tree_util.tree_map_with_path(lambda keys, _: gathered[keys], params)
+    final = LoadedModel(model.config, params, model.tokenizer, str(result.workdir))
     save_native(final, result.workdir / "model")
     if config.export_hf:
         export_hf(final, result.workdir / "hf")
 
 
-def run(config, method: str, workdir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """One command's worth of training: sft, dpo, or sft_dpo (SFT, then DPO from and against the SFT model)."""
+def run(config, method: str, workdir: str | Path, *, resume: bool = False, progress: bool = True,
+        checkpoint_dir: str | None = None) -> dict:
+    """One command's worth of training: sft, dpo, or sft_dpo (SFT, then DPO from and against the SFT model).
+
+    `checkpoint_dir` (a path or gs:// URL; sft_dpo adds /sft and /dpo) replaces WORKDIR/checkpoints, e.g.
+    a bucket all hosts of a multi-host slice share. Multi-process, every process calls this alike.
+    """
     if method not in METHODS:
         raise TrainingError(f"unknown method {method!r}; expected one of {METHODS}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    if distributed.is_main():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     model = load_model(config)
     stages = ["sft", "dpo"] if method == "sft_dpo" else [method]
     summary = {}
     ref_params = None
     for stage in stages:
         stage_dir = workdir / stage if method == "sft_dpo" else workdir
+        stage_ckpt = None
+        if checkpoint_dir:
+            stage_ckpt = f"{str(checkpoint_dir).rstrip('/')}/{stage}" if method == "sft_dpo" else str(checkpoint_dir)
         done = stage_dir / "model" / "kwjax.json"
+        if method == "sft_dpo" and stage == "sft" and distributed.is_multiprocess():
+            seen = distributed.gather_values(np.int32(done.is_file()))
+            if seen.min() != seen.max():
+                raise TrainingError(f"{done.parent}: the finished SFT model is on processes "
+                                    f"{np.nonzero(seen)[0].tolist()} only; on a multi-host slice copy it to every "
+                                    "worker (or delete it everywhere to train SFT again)")
         if method == "sft_dpo" and stage == "sft" and done.is_file() and not resume:
             raise TrainingError(f"{stage_dir} already holds a finished SFT model; pass --resume to reuse it, "
                                 "or choose a new --workdir")
@@ -511,7 +620,8 @@ def run(config, method: str, workdir: str | Path, *, resume: bool = False, progr
             summary[stage] = {"workdir": str(stage_dir), "reused": True}
             continue
         started = time.time()
-        result = train(config, stage, stage_dir, model, ref_params=ref_params, resume=resume, progress=progress)
+        result = train(config, stage, stage_dir, model, ref_params=ref_params, resume=resume, progress=progress,
+                       checkpoint_dir=stage_ckpt)
         summary[stage] = {"workdir": str(stage_dir), "final_step": result.final_step,
                           "seconds": round(time.time() - started, 1), "interrupted": result.interrupted,
                           "last": result.metrics[-1] if result.metrics else {}}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded Gemma 3 270M. Creates .venv on first use.
+# The main job: the quick experiment (base vs SFT vs DPO vs SFT→DPO) on the embedded Gemma 3 270M,
+# about 20 minutes on a 2-core CPU. Creates .venv on first use; flags go on to scripts/experiment.py
+# (e.g. --preset=full, --workdir=..., --config.eval.limit=8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/_venv.sh ""
-exec .venv/bin/python scripts/demo.py "$@"
+exec .venv/bin/python scripts/experiment.py --preset=quick "$@"

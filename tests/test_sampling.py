@@ -53,6 +53,21 @@ def test_filters_match_numpy_reference(top_k, top_p):
     np.testing.assert_allclose(ours[np.isfinite(ref)], ref[np.isfinite(ref)])
 
 
+@pytest.mark.parametrize("scale, top_k, top_p", [(6.0, 0, 0.9), (6.0, 100, 0.95), (0.05, 0, 0.9), (0.05, 0, 0.3)])
+def test_nucleus_over_candidates_is_exact(scale, top_k, top_p):
+    """Peaked rows find the nucleus among 64 candidates; flat ones (scale 0.05: the nucleus spans
+    thousands of tokens) take the full-sort fallback. Both equal the sorted numpy reference."""
+    logits = (np.random.default_rng(1).normal(size=(3, 4096)) * scale).astype(np.float32)
+    ours = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p, candidates=64))
+    ref = numpy_filter(logits, top_k, top_p)
+    kept = np.isfinite(ref)
+    if scale > 1:
+        assert kept.sum(axis=1).max() < 64  # the fast path was the one exercised
+    else:
+        assert kept.sum(axis=1).min() > 64  # the fallback was needed
+    np.testing.assert_array_equal(kept, ours > np.finfo(np.float32).min)
+
+
 def test_top_k_one_equals_greedy(tiny_model):
     sampler = Sampler(tiny_model, batch_size=4)
     greedy = sampler.generate(PROMPTS, SamplingConfig(12, greedy=True))

@@ -1,0 +1,235 @@
+"""The whole experiment: train SFT, DPO and SFT→DPO from one base, evaluate all four, over seeds, report.
+
+Layout under the workdir (every piece is reused when a rerun finds it finished, so an interrupted
+experiment continues where it stopped):
+
+  seed_<s>/train/<method>/   training runs (checkpoints, metrics.jsonl, model/)
+  seed_<s>/eval/<model>/     metrics.json, samples.jsonl, likelihoods.jsonl
+  experiment.json            the config, the task list with wall times, the machine
+  report/                    report.md and its PNG plots (kwjax.report)
+
+SFT→DPO reuses the seed's SFT run as its starting point and its reference, as the write-up did, so
+the SFT stage is trained once per seed, not twice. Each finished piece records a fingerprint of the
+settings that produced it; a rerun with different settings stops with an error instead of mixing
+results from two configurations.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from kwjax import evaluate as evallib
+from kwjax import train as trainlib
+
+log = logging.getLogger(__name__)
+DONE = "kwjax-experiment.json"  # a finished piece's fingerprint file
+
+
+class ExperimentError(RuntimeError):
+    """An experiment that cannot go on: a workdir holding results from other settings, a bad config."""
+
+
+@dataclasses.dataclass
+class Task:
+    kind: str  # "train" or "eval"
+    model: str  # a method for train; a MODELS entry for eval
+    seed: int
+    path: Path
+    seconds: float | None = None
+    reused: bool = False
+
+
+def seed_config(config, seed: int):
+    c = copy.deepcopy(config)
+    c.seed = seed
+    return c
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def train_fingerprint(config, method: str) -> str:
+    """What decides a training run's result: everything but evaluation and report settings."""
+    d = json.loads(config.to_json_best_effort())
+    for key in ("eval", "experiment", "checkpoint_every", "keep_checkpoints", "log_every", "export_hf"):
+        d.pop(key, None)
+    if method != "sft_dpo":  # one stage does not depend on the other stage's settings
+        d.pop("dpo" if method == "sft" else "sft", None)
+    return _fingerprint({"method": method, "config": d})
+
+
+def eval_fingerprint(config, model: str) -> str:
+    d = json.loads(config.to_json_best_effort())
+    return _fingerprint({"model": model, "eval": d["eval"], "train": None if model == "base" else
+                         train_fingerprint(config, model), "base": d["model"], "seed": d["seed"],
+                         "max_length": d["data"]["max_length"]})
+
+
+def _check_done(task: Task, fingerprint: str) -> bool:
+    """True if the task's directory holds its finished result; False if none or unfinished (started with
+    these settings: training resumes from its checkpoint); an error if made with other settings."""
+    marker = task.path / DONE
+    if not marker.is_file():
+        return False
+    found = json.loads(marker.read_text())
+    if found.get("fingerprint") != fingerprint:
+        raise ExperimentError(f"{task.path} holds results made with other settings (fingerprint "
+                              f"{found.get('fingerprint')}, now {fingerprint}); use a new --workdir, or delete "
+                              f"{task.path} to redo it")
+    if found.get("finished"):
+        task.reused, task.seconds = True, found.get("seconds")
+    return bool(found.get("finished"))
+
+
+def _mark(task: Task, fingerprint: str, finished: bool, **extra) -> None:
+    task.path.mkdir(parents=True, exist_ok=True)
+    tmp = task.path / f".{DONE}.tmp"
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished": finished, **extra}, indent=2))
+    tmp.replace(task.path / DONE)
+
+
+def eval_settings(config) -> evallib.EvalSettings:
+    e = config.eval
+    return evallib.EvalSettings(max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
+                                temperature=e.temperature, top_p=e.top_p, seed=config.seed,
+                                batch_size=e.batch_size, max_length=config.data.max_length)
+
+
+def eval_rows(config) -> list[dict]:
+    """The validation pairs the experiment evaluates on (data.eval_file, else the shipped split)."""
+    import kwjax.data
+
+    if config.data.eval_file:
+        rows = kwjax.data.load_records(config.data.eval_file, "dpo")
+    else:
+        rows = kwjax.data.dpo_view(kwjax.data.load_examples(split="validation"))
+    return rows[:config.eval.limit] if config.eval.limit else rows
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+            "devices": f"{len(devices)} × {devices[0].device_kind}", "jax": jax.__version__,
+            "python": platform.python_version()}
+
+
+def plan(config, workdir: Path) -> list[Task]:
+    tasks = []
+    methods = list(config.experiment.methods)
+    unknown = [m for m in methods if m not in trainlib.METHODS]
+    if unknown:
+        raise ExperimentError(f"experiment.methods: unknown {unknown}; expected some of {trainlib.METHODS}")
+    for seed in config.experiment.seeds:
+        root = workdir / f"seed_{seed}"
+        tasks.append(Task("eval", "base", seed, root / "eval" / "base"))
+        for m in methods:
+            if m == "sft_dpo" and "sft" not in methods:
+                tasks.append(Task("train", "sft", seed, root / "train" / "sft"))
+            tasks.append(Task("train", m, seed, root / "train" / m))
+            tasks.append(Task("eval", m, seed, root / "eval" / m))
+    return tasks
+
+
+def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
+    method = task.model
+    fp = train_fingerprint(config, method)
+    if _check_done(task, fp):
+        return
+    _mark(task, fp, finished=False)
+    t0 = time.time()
+    if method == "sft_dpo":
+        import kwjax
+
+        # DPO from this seed's finished SFT model; with no ref_params the starting weights (the SFT model)
+        # are the reference, as in the write-up's SFT→DPO.
+        model = kwjax.load(workdir_seed / "train" / "sft" / "model", dtype=config.dtype)
+        result = trainlib.train(config, "dpo", task.path, model, resume=True, progress=progress)
+    else:
+        model = trainlib.load_model(config)
+        result = trainlib.train(config, method, task.path, model, resume=True, progress=progress)
+    if result.interrupted:
+        raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
+                                "is saved and a rerun of the experiment resumes it")
+    trainlib.finish(result, model, config)
+    _mark(task, fp, finished=True, final_step=result.final_step, seconds=round(time.time() - t0, 1))
+
+
+def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress: bool) -> None:
+    import kwjax
+
+    fp = eval_fingerprint(config, task.model)
+    if _check_done(task, fp):
+        return
+    _mark(task, fp, finished=False)
+    t0 = time.time()
+    if task.model == "base":
+        model = trainlib.load_model(config)
+    else:
+        model = kwjax.load(workdir_seed / "train" / task.model / "model", dtype=config.dtype)
+    evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
+    _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1))
+
+
+def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,
+        on_task: Callable[[int, int, Task], None] | None = None) -> Path:
+    """Runs (or finishes) every task, then writes the report; returns the report's path."""
+    from kwjax import report as reportlib
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = eval_rows(config)
+    if not rows:
+        raise ExperimentError("no evaluation rows (eval.limit or the eval file left none)")
+    tasks = plan(config, workdir)
+    started = time.time()
+    record_path = workdir / "experiment.json"
+    for i, task in enumerate(tasks, 1):
+        if on_task is not None:
+            on_task(i, len(tasks), task)
+        c = seed_config(config, task.seed)
+        root = workdir / f"seed_{task.seed}"
+        if task.kind == "train":
+            _train(task, c, root, progress)
+        else:
+            _evaluate(task, c, root, rows, progress)
+        if not task.reused:
+            task.seconds = float(json.loads((task.path / DONE).read_text())["seconds"])
+        _write_record(record_path, config, tasks, started)
+    record = _write_record(record_path, config, tasks, started)
+    out = Path(report_dir) if report_dir else workdir / "report"
+    return reportlib.write(config, workdir, tasks, rows, out, record)
+
+
+def _write_record(path: Path, config, tasks: list[Task], started: float) -> dict:
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    record = {
+        "config": json.loads(config.to_json_best_effort()),
+        "machine": previous.get("machine") or machine(),
+        "tasks": [{"kind": t.kind, "model": t.model, "seed": t.seed, "path": str(t.path), "seconds": t.seconds,
+                   "reused": t.reused} for t in tasks],
+        "wall_seconds_this_invocation": round(time.time() - started, 1),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    tmp.replace(path)
+    return record

@@ -10,6 +10,7 @@ makes k accumulated micro-batches equal one k-times-larger batch exactly.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -25,35 +26,138 @@ class ResponseLogps(NamedTuple):
     mean_logit_B: jax.Array  # mean logit over vocabulary and response tokens (TRL's logits/*)
 
 
-def response_logps(hidden_BTD, embedding_VD, target_idx_BR, targets_BR, target_mask_BR, *,
-                   chunk: int = 128, softcap: float | None = None) -> ResponseLogps:
-    """Log-probs of response tokens, projecting only response positions onto the vocabulary, in chunks.
+# Vocabulary entries per tile of the output projection (at most): a 262k vocabulary in 32 tiles. Small
+# enough that a tile of logits for a few thousand response positions stays in the tens of MB, large
+# enough that each tile's matmuls run at full speed (on XLA:CPU 8192 was as fast as 32768 and smaller).
+VOCAB_CHUNK = 8192
 
-    Peak memory holds B × chunk × V float32 logits instead of B × T × V; each chunk is
-    rematerialised in the backward pass, so neither pass ever stores the full logits.
+
+def response_logps(hidden_BTD, embedding_VD, target_idx_BR, targets_BR, target_mask_BR, *,
+                   chunk: int = 128, softcap: float | None = None, vocab_chunk: int = VOCAB_CHUNK) -> ResponseLogps:
+    """Log-probs of response tokens, projecting only response positions onto the vocabulary, in tiles.
+
+    The projection runs on tiles of (all rows × `chunk` response positions) × (at most `vocab_chunk`
+    vocabulary entries) with an online log-sum-exp, so no pass ever holds more than one tile of float32
+    logits instead of B × R × V; the backward pass recomputes each tile and writes each tile's rows of
+    the embedding's gradient once (see `_tiled_logps`).
     """
     hidden_BRD = jnp.take_along_axis(hidden_BTD, target_idx_BR[..., None], axis=1)
     b, r, d = hidden_BRD.shape
     chunk = min(chunk, r)
     pad = -r % chunk
+    # [C, B·chunk, D]: token chunk c holds response positions c·chunk … (c+1)·chunk − 1 of every row
     h = jnp.pad(hidden_BRD, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
-    t = jnp.pad(targets_BR, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+    h = h.reshape(-1, b * chunk, d)
+    t = jnp.pad(targets_BR, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1).reshape(-1, b * chunk)
+    logps, mean_logits = _tiled_logps(h, embedding_VD, t, vocab_tiles(embedding_VD.shape[0], vocab_chunk), softcap)
 
-    @jax.checkpoint
-    def one_chunk(h_BCD, t_BC):
-        logits = jnp.einsum("bcd,vd->bcv", h_BCD, embedding_VD, preferred_element_type=jnp.float32)
-        if softcap:
-            logits = jnp.tanh(logits / softcap) * softcap
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, t_BC[..., None], axis=-1)[..., 0]
-        return picked - lse, jnp.mean(logits, axis=-1)
+    def unchunk(x):  # [C, B·chunk] -> [B, R]
+        return x.reshape(-1, b, chunk).swapaxes(0, 1).reshape(b, -1)[:, :r]
 
-    logps, mean_logits = jax.lax.map(lambda xs: one_chunk(*xs), (h, t))
     mask = target_mask_BR.astype(jnp.float32)
-    token_logps = logps.swapaxes(0, 1).reshape(b, -1)[:, :r] * mask
-    mean_logits = mean_logits.swapaxes(0, 1).reshape(b, -1)[:, :r] * mask
+    token_logps = unchunk(logps) * mask
+    mean_logits = unchunk(mean_logits) * mask
     count = mask.sum(-1)
     return ResponseLogps(token_logps, token_logps.sum(-1), count, mean_logits.sum(-1) / jnp.maximum(count, 1.0))
+
+
+def vocab_tiles(vocab: int, vocab_chunk: int) -> int:
+    """How many tiles the vocabulary is cut into: the fewest, dividing it, of at most `vocab_chunk` rows.
+
+    Tile j holds the rows j, j + n, j + 2n, … (n tiles): the embedding seen as [V/n, n, D], sliced on its
+    middle axis. A vocabulary sharded over devices in contiguous blocks (the `tensor` mesh axis) stays
+    sharded in every tile, so each device projects its own part of every tile. A vocabulary without a
+    divisor near the wanted size (e.g. a prime) is one tile.
+    """
+    n = max(1, -(-vocab // max(1, vocab_chunk)))
+    while vocab % n:
+        n += 1
+    return n if vocab // n * 8 >= min(vocab_chunk, vocab) else 1
+
+
+def _softcap(z, softcap):
+    return jnp.tanh(z / softcap) * softcap if softcap else z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _tiled_logps(h_CND, embedding_VD, targets_CN, tiles: int, softcap):
+    """(log p(target), mean logit over the vocabulary) per position: [C, N] each.
+
+    h_CND: C token chunks of N positions; the logits of one (token chunk, vocabulary tile) are the only
+    large array alive at a time, in the forward and in the backward pass. Logits accumulate in float32
+    whatever the parameter dtype.
+    """
+    return _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap)[0]
+
+
+def _tile(embedding_VD, tiles: int, j):
+    """Tile j: [V / tiles, D], the rows j, j + tiles, j + 2·tiles, …; and their vocabulary ids."""
+    vocab, d = embedding_VD.shape
+    e = jax.lax.dynamic_index_in_dim(embedding_VD.reshape(vocab // tiles, tiles, d), j, axis=1, keepdims=False)
+    return e, jnp.arange(vocab // tiles) * tiles + j
+
+
+def _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap):
+    vocab = embedding_VD.shape[0]
+
+    def token_chunk(xs):
+        h_ND, t_N = xs
+        n = h_ND.shape[0]
+
+        def fold(carry, j):  # one vocabulary tile into the running log-sum-exp
+            m, s, picked, z_sum = carry
+            e_vD, ids_v = _tile(embedding_VD, tiles, j)
+            z = _softcap(jnp.einsum("nd,vd->nv", h_ND, e_vD, preferred_element_type=jnp.float32), softcap)
+            new_m = jnp.maximum(m, jnp.max(z, axis=-1))
+            s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(z - new_m[:, None]), axis=-1)
+            picked = picked + jnp.sum(jnp.where(ids_v[None, :] == t_N[:, None], z, 0.0), axis=-1)
+            return (new_m, s, picked, z_sum + jnp.sum(z, axis=-1)), None
+
+        zeros = jnp.zeros((n,), jnp.float32)
+        (m, s, picked, z_sum), _ = jax.lax.scan(fold, (jnp.full((n,), -jnp.inf, jnp.float32), zeros, zeros, zeros),
+                                                jnp.arange(tiles))
+        lse = m + jnp.log(s)
+        return picked - lse, z_sum / vocab, lse
+
+    logps, mean_logits, lse = jax.lax.map(token_chunk, (h_CND, targets_CN))
+    return (logps, mean_logits), (h_CND, embedding_VD, targets_CN, lse)
+
+
+def _tiled_logps_bwd(tiles, softcap, residuals, cotangents):
+    h_CND, embedding_VD, targets_CN, lse_CN = residuals
+    g_logps_CN, g_mean_CN = cotangents
+    vocab, d = embedding_VD.shape
+    mm_dtype = embedding_VD.dtype  # the tile's gradient meets the weights in their dtype, accumulating in float32
+
+    def vocab_tile(carry, j):
+        """Tile j over every token chunk: its rows of d/de (written once), and d/dh accumulated."""
+        dh_CND, de_VtD = carry
+        e_vD, ids_v = _tile(embedding_VD, tiles, j)
+
+        def token_chunk(de_vD, xs):
+            h_ND, t_N, lse_N, g_N, gm_N = xs
+            raw = jnp.einsum("nd,vd->nv", h_ND, e_vD, preferred_element_type=jnp.float32)
+            z = _softcap(raw, softcap)
+            p = jnp.exp(z - lse_N[:, None])
+            is_target = (ids_v[None, :] == t_N[:, None]).astype(jnp.float32)
+            dz = g_N[:, None] * (is_target - p) + (gm_N / vocab)[:, None]
+            if softcap:
+                dz = dz * (1.0 - jnp.square(jnp.tanh(raw / softcap)))
+            dz = dz.astype(mm_dtype)
+            dh = jnp.einsum("nv,vd->nd", dz, e_vD, preferred_element_type=jnp.float32)
+            return de_vD + jnp.einsum("nv,nd->vd", dz, h_ND, preferred_element_type=jnp.float32), dh
+
+        de_vD, dh = jax.lax.scan(token_chunk, jnp.zeros(e_vD.shape, jnp.float32),
+                                 (h_CND, targets_CN, lse_CN, g_logps_CN, g_mean_CN))
+        de_VtD = jax.lax.dynamic_update_index_in_dim(de_VtD, de_vD.astype(embedding_VD.dtype), j, axis=1)
+        return (dh_CND + dh, de_VtD), None
+
+    init = (jnp.zeros(h_CND.shape, jnp.float32), jnp.zeros((vocab // tiles, tiles, d), embedding_VD.dtype))
+    (dh, de), _ = jax.lax.scan(vocab_tile, init, jnp.arange(tiles))
+    return dh.astype(h_CND.dtype), de.reshape(vocab, d), None
+
+
+_tiled_logps.defvjp(_tiled_logps_fwd, _tiled_logps_bwd)
 
 
 def sft_loss(lp: ResponseLogps, example_mask_B, num_tokens_total):

@@ -431,7 +431,9 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
             del reference
 
     # The optimizer state is created under jit with the parameters' shardings.
-    state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)})(params)
+    # Donated: the state takes over the parameter buffers instead of holding a second copy for the whole run.
+    state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
+                    donate_argnums=(0,))(params)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     checkpointer = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     start_step = 0

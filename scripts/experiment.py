@@ -21,8 +21,9 @@ from ml_collections import config_flags
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"full": "experiment.py", "quick": "quick.py", "tiny": "tiny.py"}
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / PRESETS["quick"]),
-                                          "Config file; --preset=NAME is short for its configs/ file.")
+# No default here: a default file would define the --config.KEY flags once, and a --config given on the
+# command line a second time. Without --config or --preset, preset_to_config supplies quick.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file; --preset=NAME is short for its configs/ file.")
 flags.DEFINE_enum("preset", None, list(PRESETS), "full (the write-up's settings), quick (default) or tiny; "
                   "--config.KEY=VALUE overrides apply on top.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Runs, evaluations and the report (default: runs/<preset>).")
@@ -71,11 +72,13 @@ def preset_to_config(argv: list[str]) -> list[str]:
             preset = next(it, "")
         else:
             out.append(arg)
+    has_config = any(a == "--config" or a.startswith("--config=") for a in out)
     if preset is None:
-        return out
+        return out if has_config or any(a in ("--help", "--helpfull", "--helpshort") for a in out) else \
+            out[:1] + [f"--config={ROOT / 'configs' / PRESETS['quick']}"] + out[1:]
     if preset not in PRESETS:
         sys.exit(f"error: --preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    if any(a == "--config" or a.startswith("--config=") for a in out):
+    if has_config:
         sys.exit("error: pass --preset or --config, not both")
     return out[:1] + [f"--config={ROOT / 'configs' / PRESETS[preset]}"] + out[1:]
 

@@ -134,6 +134,9 @@ def test_preset_flag_becomes_config():
         sys.path.pop(0)
     out = script.preset_to_config(["prog", "--preset=quick", "--config.eval.limit=3"])
     assert out == ["prog", f"--config={ROOT / 'configs' / 'quick.py'}", "--config.eval.limit=3"]
+    assert script.preset_to_config(["prog", "--workdir=w"]) == ["prog", f"--config={ROOT / 'configs' / 'quick.py'}",
+                                                                "--workdir=w"]
+    assert script.preset_to_config(["prog", "--config=c.py"]) == ["prog", "--config=c.py"]
     with pytest.raises(SystemExit, match="one of"):
         script.preset_to_config(["prog", "--preset", "huge"])
     with pytest.raises(SystemExit, match="not both"):

@@ -569,8 +569,7 @@ def _run_cell(framework, method, reference, args, workload_path, hf_dir) -> dict
            "--workload", str(workload_path), "--hf_dir", str(hf_dir)]
     if args.trl_gradient_checkpointing:
         cmd.append("--trl_gradient_checkpointing")
-    if args.kwjax_donate_init:
-        cmd.append("--kwjax_donate_init")
+    cmd.append("--kwjax_donate_init" if args.kwjax_donate_init else "--no-kwjax_donate_init")
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -1045,8 +1044,9 @@ def main() -> None:
     p.add_argument("--methods", default="sft,dpo")
     p.add_argument("--trl_gradient_checkpointing", action="store_true",
                    help="train: TRL with its own default gradient checkpointing (default off, like kwjax's remat)")
-    p.add_argument("--kwjax_donate_init", action="store_true",
-                   help="train: donate the parameters when kwjax creates its train state (a proposed kwjax.train change)")
+    p.add_argument("--kwjax_donate_init", action=argparse.BooleanOptionalAction, default=True,
+                   help="train: donate the parameters when kwjax creates its train state, as kwjax.train does "
+                        "(--no-kwjax_donate_init: the earlier undonated creation, one more copy of the weights)")
     p.add_argument("--no_matmul", action="store_true", help="train: skip the matmul-rate measurement")
     p.add_argument("--matmul_n", type=int, default=2048)
     # profile

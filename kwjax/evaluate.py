@@ -100,24 +100,6 @@ def pair_likelihoods(model: LoadedModel, rows: Sequence[dict], settings: EvalSet
             for i, a, b, c, d in zip(ids, chosen_lp, chosen_n, rejected_lp, rejected_n)]
 
 
-def likelihood_metrics(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings) -> dict:
-    """Validation NLL and perplexity of the chosen responses, and preference accuracy on the pairs.
-
-    Preference accuracy compares length-normalised log-probs, so it works for any model, base included,
-    without a reference model.
-    """
-    lik = pair_likelihoods(model, rows, settings)
-    nll = -sum(p.chosen_logp for p in lik) / sum(p.chosen_tokens for p in lik)
-    better = _wins(lik)
-    return {
-        "nll_chosen": float(nll),
-        "perplexity_chosen": float(math.exp(min(nll, 50.0))),
-        "preference_accuracy": float(np.mean(better)),
-        "preference_correct": better.astype(int).tolist(),
-        "pairs": len(lik),
-    }
-
-
 def _wins(lik: Sequence[PairLikelihood]) -> np.ndarray:
     return metrics.preference_wins([p.chosen_logp for p in lik], [p.chosen_tokens for p in lik],
                                    [p.rejected_logp for p in lik], [p.rejected_tokens for p in lik])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,18 +38,11 @@ PROMPTS = [
 def machine() -> dict:
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
+    from kwjax.experiment import machine as describe
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
-            "devices": [str(d) for d in jax.devices()], "python": platform.python_version()}
+    m = describe()
+    return {"cpu": m["cpu"], "cores": m["cpu_count"], "jax": m["jax"],
+            "devices": [str(d) for d in jax.devices()], "python": m["python"]}
 
 
 def bench_sampling(args) -> dict:

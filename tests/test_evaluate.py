@@ -38,16 +38,19 @@ def full_logit_logps(model, seq: batching.Sequence_) -> tuple[float, int]:
 
 def test_likelihoods_match_full_logits(tiny):
     settings = evaluate.EvalSettings(batch_size=2, max_length=256)
-    got = evaluate.likelihood_metrics(tiny, ROWS, settings)
+    lik = evaluate.pair_likelihoods(tiny, ROWS, settings)
     pairs, _, _ = batching.encode_dpo(tiny.tokenizer, ROWS, 256)
     chosen = [full_logit_logps(tiny, c) for c, _ in pairs]
     rejected = [full_logit_logps(tiny, r) for _, r in pairs]
+    for p, (c_lp, c_n), (r_lp, r_n) in zip(lik, chosen, rejected):
+        assert (p.chosen_tokens, p.rejected_tokens) == (c_n, r_n)
+        assert abs(p.chosen_logp - c_lp) < 1e-3 and abs(p.rejected_logp - r_lp) < 1e-3
+    got = evaluate.summarize([], lik)["likelihood"]
     nll = -sum(lp for lp, _ in chosen) / sum(n for _, n in chosen)
-    assert abs(got["nll_chosen"] - nll) < 1e-4
-    assert abs(got["perplexity_chosen"] - np.exp(nll)) / np.exp(nll) < 1e-4
+    assert abs(got["nll_chosen"]["mean"] - nll) < 1e-4
+    assert abs(got["perplexity_chosen"]["mean"] - np.exp(nll)) / np.exp(nll) < 1e-4
     expected = [c[0] / c[1] > r[0] / r[1] for c, r in zip(chosen, rejected)]
-    assert got["preference_correct"] == [int(x) for x in expected]
-    assert got["preference_accuracy"] == pytest.approx(np.mean(expected))
+    assert got["preference_accuracy"]["mean"] == pytest.approx(np.mean(expected))
 
 
 def test_generate_counts_and_modes(tiny, tmp_path):

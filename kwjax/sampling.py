@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kwjax.model import Gemma3, init_cache, positions_from_mask
+from kwjax.model import Gemma3, init_cache, logits_from_hidden, positions_from_mask
 
 STOP_TOKEN, MAX_NEW_TOKENS = "stop_token", "max_new_tokens"
 
@@ -130,14 +130,23 @@ def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float, *,
 
 
 def choose(logits_BV, keys_B, cfg: SamplingConfig):
-    """Next token per row and its log-prob under the unmodified distribution."""
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    """Next token per row and its log-prob under the unmodified distribution.
+
+    Greedy takes the first index of the maximum as `argmax` does, but as a max and a min over plain
+    reductions: XLA:CPU runs argmax's (value, index) reduction over 262k entries ~10x slower.
+    """
+    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    lse_B = max_B1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
     if cfg.greedy:
-        token_B = jnp.argmax(logits_BV, axis=-1)
+        vocab = logits_BV.shape[-1]
+        ids_V = jnp.arange(vocab, dtype=jnp.int32)
+        token_B = jnp.min(jnp.where(logits_BV == max_B1, ids_V, vocab), axis=-1)
+        token_B = jnp.minimum(token_B, vocab - 1)  # a NaN row matches nothing: keep the id in range
     else:
         filtered = filter_logits(logits_BV / cfg.temperature, cfg.top_k, cfg.top_p)
         token_B = jax.vmap(jax.random.categorical)(keys_B, filtered)
-    return token_B.astype(jnp.int32), jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+    token_B = token_B.astype(jnp.int32)
+    return token_B, jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - lse_B
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -153,7 +162,9 @@ def _generate(module: Gemma3, cfg: SamplingConfig, cache_len: int, params, token
     width = cache_len - tokens_BT.shape[1]  # room for new tokens
     cache = init_cache(module.config, batch, cache_len, params["embedding"].dtype)
     positions_BT = positions_from_mask(mask_BT)
-    logits_BTV, cache = module.apply({"params": params}, tokens_BT, positions_BT, cache)
+    # Prefill projects only the last position onto the vocabulary: the others' logits are never used.
+    hidden_BTD, cache = module.apply({"params": params}, tokens_BT, positions_BT, cache, return_hidden=True)
+    logits_BV = logits_from_hidden(module.config, params["embedding"], hidden_BTD[:, -1:])[:, 0]
     next_pos_B = positions_BT[:, -1] + 1
 
     def body(state):
@@ -173,7 +184,7 @@ def _generate(module: Gemma3, cfg: SamplingConfig, cache_len: int, params, token
         step, done_B = state[0], state[6]
         return (step < max_new) & ~jnp.all(done_B)
 
-    init = (jnp.int32(0), logits_BTV[:, -1], cache, next_pos_B,
+    init = (jnp.int32(0), logits_BV, cache, next_pos_B,
             jnp.zeros((batch, width), jnp.int32), jnp.zeros((batch, width), jnp.float32),
             jnp.zeros((batch,), bool), jnp.zeros((batch,), bool))
     step, _, _, _, out_BN, logp_BN, done_B, stopped_B = jax.lax.while_loop(cond, body, init)

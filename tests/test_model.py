@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -128,3 +130,17 @@ def test_presets_match_published_sizes():
     assert 3.8e9 < counts["gemma3-4b"] < 4.0e9  # the text tower of the 4B (vision ~0.4B extra)
     assert 11.5e9 < counts["gemma3-12b"] < 12.0e9
     assert 27.0e9 < counts["gemma3-27b"] < 27.5e9
+
+
+@pytest.mark.parametrize("batch,length", [(1, 1), (2, 4), (8, 1), (4, 6), (5, 5)])
+def test_projection_paths_match_numpy(batch, length):
+    """Few rows take the broadcast-multiply path on CPU, others the dot; both equal float64 numpy."""
+    config = dataclasses.replace(cfglib.tiny(vocab_size=300), final_logit_softcap=30.0)
+    rng = np.random.default_rng(batch * 10 + length)
+    embedding_VD = rng.normal(size=(config.vocab_size, config.hidden_size)).astype(np.float32)
+    hidden_BTD = rng.normal(size=(batch, length, config.hidden_size)).astype(np.float32)
+    got = kwjax.model.logits_from_hidden(config, jnp.asarray(embedding_VD), jnp.asarray(hidden_BTD))
+    want = np.einsum("btd,vd->btv", hidden_BTD.astype(np.float64), embedding_VD.astype(np.float64))
+    want = np.tanh(want / 30.0) * 30.0
+    chex.assert_shape(got, (batch, length, config.vocab_size))
+    chex.assert_trees_all_close(np.asarray(got, np.float64), want, atol=2e-4, rtol=1e-5)

@@ -135,3 +135,22 @@ def test_bad_requests(tiny_model):
         sampler.generate(PROMPTS, SamplingConfig(4, top_p=0.0))
     with pytest.raises(SamplingError, match="no prompts"):
         sampler.generate([], SamplingConfig(4))
+
+
+def test_greedy_choice_is_first_maximum_with_exact_logprob():
+    """Ties resolve to the lowest id, as numpy's argmax; the log-prob is the untempered log-softmax."""
+    from kwjax.sampling import choose
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    logits[1, [7, 30]] = logits[1].max() + 1.0  # a tie for the maximum
+    logits[2, :] = 0.5  # all tied
+    logits[3, 49] = 100.0  # the maximum at the last id
+    token, logp = choose(jnp.asarray(logits), jax.random.split(jax.random.PRNGKey(0), 6),
+                         SamplingConfig(greedy=True, temperature=0.3))
+    want_tok = np.argmax(logits, axis=-1)
+    x = logits.astype(np.float64)
+    log_softmax = x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    np.testing.assert_array_equal(np.asarray(token), want_tok)
+    assert want_tok[1] == 7 and want_tok[2] == 0 and want_tok[3] == 49
+    chex.assert_trees_all_close(np.asarray(logp, np.float64), log_softmax[np.arange(6), want_tok], atol=1e-5)

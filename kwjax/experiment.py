@@ -30,6 +30,7 @@ from typing import Callable
 import jax
 
 from kwjax import evaluate as evallib
+from kwjax import memory
 from kwjax import train as trainlib
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Task:
     seed: int
     path: Path
     seconds: float | None = None
+    peak_rss_mib: float | None = None  # the process's peak resident memory during the task
     reused: bool = False
 
 
@@ -89,7 +91,7 @@ def _check_done(task: Task, fingerprint: str) -> bool:
                               f"{found.get('fingerprint')}, now {fingerprint}); use a new --workdir, or delete "
                               f"{task.path} to redo it")
     if found.get("finished"):
-        task.reused, task.seconds = True, found.get("seconds")
+        task.reused, task.seconds, task.peak_rss_mib = True, found.get("seconds"), found.get("peak_rss_mib")
     return bool(found.get("finished"))
 
 
@@ -157,6 +159,7 @@ def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
         return
     _mark(task, fp, finished=False)
     t0 = time.time()
+    memory.reset_peak()
     if method == "sft_dpo":
         import kwjax
 
@@ -171,7 +174,8 @@ def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
         raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
                                 "is saved and a rerun of the experiment resumes it")
     trainlib.finish(result, model, config)
-    _mark(task, fp, finished=True, final_step=result.final_step, seconds=round(time.time() - t0, 1))
+    _mark(task, fp, finished=True, final_step=result.final_step, seconds=round(time.time() - t0, 1),
+          peak_rss_mib=memory.peak_mib())
 
 
 def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress: bool) -> None:
@@ -182,12 +186,13 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
         return
     _mark(task, fp, finished=False)
     t0 = time.time()
+    memory.reset_peak()
     if task.model == "base":
         model = trainlib.load_model(config)
     else:
         model = kwjax.load(workdir_seed / "train" / task.model / "model", dtype=config.dtype)
     evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
-    _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1))
+    _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1), peak_rss_mib=memory.peak_mib())
 
 
 def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,
@@ -213,7 +218,8 @@ def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str |
         else:
             _evaluate(task, c, root, rows, progress)
         if not task.reused:
-            task.seconds = float(json.loads((task.path / DONE).read_text())["seconds"])
+            done = json.loads((task.path / DONE).read_text())
+            task.seconds, task.peak_rss_mib = float(done["seconds"]), done.get("peak_rss_mib")
         _write_record(record_path, config, tasks, started)
     record = _write_record(record_path, config, tasks, started)
     out = Path(report_dir) if report_dir else workdir / "report"
@@ -226,7 +232,7 @@ def _write_record(path: Path, config, tasks: list[Task], started: float) -> dict
         "config": json.loads(config.to_json_best_effort()),
         "machine": previous.get("machine") or machine(),
         "tasks": [{"kind": t.kind, "model": t.model, "seed": t.seed, "path": str(t.path), "seconds": t.seconds,
-                   "reused": t.reused} for t in tasks],
+                   "peak_rss_mib": t.peak_rss_mib, "reused": t.reused} for t in tasks],
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }
     tmp = path.with_name(f".{path.name}.tmp")

@@ -298,6 +298,15 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def _peak_line(tasks) -> list[str]:
+    peaks = [t for t in tasks if getattr(t, "peak_rss_mib", None)]
+    if not peaks:
+        return []
+    top = max(peaks, key=lambda t: t.peak_rss_mib)
+    return [f"- Peak resident memory: {top.peak_rss_mib / 1024:.1f} GiB ({top.kind} {LABELS[top.model]}, seed "
+            f"{top.seed}); per task in `experiment.json`."]
+
+
 def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, record: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +341,7 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
         + (f" ({sum(1 for t in tasks if t.reused)} reused from an earlier invocation; this one took "
            f"{_minutes(record['wall_seconds_this_invocation'])})" if any(t.reused for t in tasks) else "")
         + "; per task in `experiment.json`.",
+        *_peak_line(tasks),
         f"- Reproduce: `python scripts/experiment.py --config=configs/{config.experiment.name}.py`" if
         config.experiment.name in ("quick", "tiny") else
         "- Reproduce: `python scripts/experiment.py --config=configs/experiment.py`",

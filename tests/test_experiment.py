@@ -166,6 +166,10 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert kinds == [("eval", "base"), ("train", "sft"), ("eval", "sft"), ("train", "dpo"), ("eval", "dpo"),
                      ("train", "sft_dpo"), ("eval", "sft_dpo")]
     assert not any(t["reused"] for t in record["tasks"])
+    # Each task's peak holds at least the JAX runtime and the tiny model (a process is > 100 MiB).
+    assert all(t["peak_rss_mib"] > 100 for t in record["tasks"]), record["tasks"]
+    top = max(record["tasks"], key=lambda t: t["peak_rss_mib"])
+    assert f"- Peak resident memory: {top['peak_rss_mib'] / 1024:.1f} GiB ({top['kind']}" in text
 
     # The table's numbers are the evaluations' own: base's greedy seq-rep-4 from its samples.jsonl.
     base = [json.loads(l) for l in (workdir / "seed_0/eval/base/samples.jsonl").read_text("utf-8").splitlines()]
@@ -184,8 +188,9 @@ def test_tiny_experiment_end_to_end(tmp_path):
     # A rerun reuses every piece and rewrites the same claims.
     again = run_cli(workdir)
     assert again.returncode == 0, again.stderr[-3000:]
-    record = json.loads((workdir / "experiment.json").read_text())
-    assert all(t["reused"] for t in record["tasks"])
+    record_again = json.loads((workdir / "experiment.json").read_text())
+    assert all(t["reused"] for t in record_again["tasks"])
+    assert [t["peak_rss_mib"] for t in record_again["tasks"]] == [t["peak_rss_mib"] for t in record["tasks"]]
     assert [l for l in (rep / "report.md").read_text("utf-8").splitlines() if l.startswith("| The")] == \
         [l for l in text.splitlines() if l.startswith("| The")]
 

@@ -211,15 +211,54 @@ class Gemma3(nn.Module):
                                   (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
         x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
         x_BTD = x_BTD * jnp.asarray(cfg.hidden_size**0.5, x_BTD.dtype)
-        block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
         new_caches = []
         for layer in range(cfg.num_layers):
-            x_BTD, layer_cache = block_cls(cfg, layer, self.param_dtype, name=f"layer_{layer}")(
-                x_BTD, positions_BT, None if cache is None else cache[layer])
+            block = Block(cfg, layer, self.param_dtype, name=f"layer_{layer}")
+            if self.remat and cache is None and not self.is_initializing():
+                x_BTD, layer_cache = recomputed_in_backward(block, x_BTD, positions_BT), None
+            else:
+                x_BTD, layer_cache = block(x_BTD, positions_BT, None if cache is None else cache[layer])
             new_caches.append(layer_cache)
         x_BTD = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x_BTD)
         out = x_BTD if return_hidden else logits_from_hidden(cfg, embedding_VD, x_BTD)
         return (out, new_caches) if cache is not None else out
+
+
+def _block_forward(block: Block, x_BTD, positions_BT):
+    return block(x_BTD, positions_BT, None)[0]
+
+
+def _block_forward_saving_inputs(block: Block, x_BTD, positions_BT):
+    return _block_forward(block, x_BTD, positions_BT), (block.variables, x_BTD, positions_BT)
+
+
+def _once_exists(x_BTD, ct_BTD):
+    """x, as a value XLA can only compute once `ct` exists: x − 0·|ct₀|, exactly x for a finite ct (a
+    non-finite cotangent makes the gradients non-finite anyway)."""
+    return x_BTD - jnp.zeros((), x_BTD.dtype) * jnp.abs(ct_BTD[0, 0, 0]).astype(x_BTD.dtype)
+
+
+def _block_backward(block: Block, saved, out_ct_BTD):
+    """Recomputes the layer from its inputs, once the cotangent of its output exists, and backpropagates.
+
+    With `nn.remat` (or an optimisation barrier, which XLA:CPU removes before scheduling) XLA was free
+    to schedule every layer's recomputation right after the forward pass, holding all layers'
+    activations at once again: the DPO step's memory plan did not shrink at all. A data dependency on
+    the cotangent makes each layer's recomputation wait for its turn in the backward pass.
+    """
+    variables, x_BTD, positions_BT = saved
+    x_BTD = _once_exists(x_BTD, out_ct_BTD)
+    fresh = block.clone(parent=None)
+    _, vjp = jax.vjp(lambda v, x: fresh.apply(v, x, positions_BT, None)[0], variables, x_BTD)
+    variables_ct, x_ct_BTD = vjp(out_ct_BTD)
+    positions_ct = np.zeros(positions_BT.shape, jax.dtypes.float0)
+    return {"params": variables_ct["params"]}, x_ct_BTD, positions_ct
+
+
+def recomputed_in_backward(block: Block, x_BTD, positions_BT):
+    """`block(x, positions)` keeping only its inputs for the backward pass (Gemma3's `remat`)."""
+    return nn.custom_vjp(_block_forward, _block_forward_saving_inputs,
+                         lambda saved, ct: _block_backward(block, saved, ct))(block, x_BTD, positions_BT)
 
 
 # On XLA:CPU a dot with only a few rows (decoding a small batch: 4-24 hidden states against the

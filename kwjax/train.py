@@ -19,6 +19,7 @@ from process 0. A 2-process run computes the losses of a 1-process run on the sa
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -182,7 +183,9 @@ def _micro_batches(batch, k: int, method: str):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(module, method, config, tx, lr_schedule, on_the_fly: bool):
+def make_train_step(module, method, config, tx: optimizer.AdamW, lr_schedule, on_the_fly: bool):
+    """step(state, batch, ref_params) -> (state, metrics); jit it with the state donated, so that
+    `tx.apply` rewrites parameters and moments in place."""
     loss_fn = make_loss_fn(module, method, config)
     k = config.grad_accum
 
@@ -202,13 +205,41 @@ def make_train_step(module, method, config, tx, lr_schedule, on_the_fly: bool):
                 lambda: loss_fn(state["params"], jax.tree.map(lambda x: x[0], _micro_batches(batch, k, method)),
                                 ref, totals)[1]))
             (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), _micro_batches(batch, k, method))
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(jnp.add, state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=lr_schedule(state["step"]),
-                       param_norm=optax.global_norm(params))
+        params, opt_state, grad_norm = tx.apply(grads, state["opt_state"], state["params"])
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(state["step"]),
+                       param_norm=optax.tree.norm(params))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
+
+
+def release_freed_memory() -> None:
+    """Hands the heap memory that glibc keeps after frees back to the OS (elsewhere: nothing happens).
+
+    Compiling the 270M model's DPO step frees ~370 MiB into glibc's heap, which stays resident; the
+    step's own buffers are fresh mappings that never reuse it, so it would add to the training peak.
+    """
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
+
+
+class CompiledSteps:
+    """A jitted step compiled ahead of time once per batch shape, the compiler's garbage released
+    (`release_freed_memory`) before the step first runs and allocates its buffers."""
+
+    def __init__(self, jitted: Callable):
+        self.jitted = jitted
+        self.compiled: dict[tuple, Any] = {}
+
+    def __call__(self, state, batch: dict, *rest):
+        key = tuple((name, batch[name].shape) for name in sorted(batch))
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(state, batch, *rest).compile()
+            release_freed_memory()
+        return self.compiled[key](state, batch, *rest)
 
 
 def make_eval_step(module, method, config, on_the_fly: bool):
@@ -449,9 +480,9 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
         start_step = int(meta["step"])
         log.info("resumed from step %d", start_step)
 
-    step_fn = jax.jit(make_train_step(module, method, config, tx, lr_schedule, on_the_fly),
-                      in_shardings=(state_shardings, None, p_shard if on_the_fly else None),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    step_fn = CompiledSteps(jax.jit(make_train_step(module, method, config, tx, lr_schedule, on_the_fly),
+                                    in_shardings=(state_shardings, None, p_shard if on_the_fly else None),
+                                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)))
     # metrics come back replicated: every process reads them (np.asarray of a sharded array fails there)
     eval_fn = jax.jit(make_eval_step(module, method, config, on_the_fly), out_shardings=sharding.replicated(mesh))
     writer = MetricsWriter(workdir, enabled=distributed.is_main())

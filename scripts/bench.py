@@ -367,13 +367,15 @@ def kwjax_reference_pass(module, params, data, config, mesh):
 
 
 def kwjax_worker(method: str, reference: str | None, warmup: int, steps: int, workload: dict,
-                 donate_init: bool = False) -> dict:
+                 donate_init: bool = False, overrides: dict | None = None) -> dict:
     import jax
+
+    from kwjax import train as T
 
     total = warmup + steps
     _reset_peak()
     base_kib = _proc_status("VmRSS")
-    s = kwjax_setup(method, reference, total, workload, donate_init=donate_init)
+    s = kwjax_setup(method, reference, total, workload, donate_init=donate_init, overrides=overrides)
     loaded_kib = _proc_status("VmRSS")
     load_peak_kib = _proc_status("VmHWM")
     _reset_peak()  # from here on: the training peak (state init, compile, steps)
@@ -383,6 +385,7 @@ def kwjax_worker(method: str, reference: str | None, warmup: int, steps: int, wo
     t = time.perf_counter()
     compiled = s["step_fn"].lower(state, batches[0], ref_tree).compile()
     compile_s = time.perf_counter() - t
+    T.release_freed_memory()  # as kwjax.train.CompiledSteps does before a step first runs
     times, losses = [], []
     for i in range(total):
         t = time.perf_counter()
@@ -401,6 +404,7 @@ def kwjax_worker(method: str, reference: str | None, warmup: int, steps: int, wo
             "peak_total_MiB": _mib(max(load_peak_kib, train_peak_kib)),
             "versions": {"jax": jax.__version__}, "config": {
                 "logprob_chunk": s["config"].logprob_chunk, "remat": s["config"].remat, "donate_init": donate_init,
+                "overrides": overrides or {},
                 "reference": reference, "learning_rate": LEARNING_RATE[method]}}
 
 
@@ -524,7 +528,8 @@ def bench_worker(args) -> None:
     workload = json.loads(Path(args.workload).read_text())
     reference = args.reference or None
     if args.framework == "kwjax":
-        result = kwjax_worker(args.method, reference, args.warmup, args.steps, workload, args.kwjax_donate_init)
+        result = kwjax_worker(args.method, reference, args.warmup, args.steps, workload, args.kwjax_donate_init,
+                              parse_overrides(args.set))
     else:
         result = trl_worker(args.method, reference, args.warmup, args.steps, workload, args.hf_dir,
                             args.trl_gradient_checkpointing)
@@ -562,6 +567,8 @@ def _run_cell(framework, method, reference, args, workload_path, hf_dir) -> dict
     if args.trl_gradient_checkpointing:
         cmd.append("--trl_gradient_checkpointing")
     cmd.append("--kwjax_donate_init" if args.kwjax_donate_init else "--no-kwjax_donate_init")
+    if framework == "kwjax":
+        cmd += [f"--set={item}" for item in args.set]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -736,7 +743,8 @@ def bench_train(args) -> dict:
                          "learning_rate": LEARNING_RATE, "dpo_beta": DPO_BETA, "warmup_steps": args.warmup,
                          "measured_steps_per_round": args.steps, "rounds": args.rounds,
                          "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
-                         "kwjax_donate_init": args.kwjax_donate_init},
+                         "kwjax_donate_init": args.kwjax_donate_init,
+                         "kwjax_overrides": parse_overrides(args.set)},
             "peer": peer_missing or "trl", "matmul": matmul, "results": results, "ratios_kwjax_over_trl": ratios,
             "wall_s": round(time.perf_counter() - started, 1)}
 
@@ -880,8 +888,8 @@ def bench_profile(args) -> dict:
     tx = s["tx"]
 
     def update(state, g):
-        u, o = tx.update(g, state["opt_state"], state["params"])
-        return {"params": jax.tree.map(jnp.add, state["params"], u), "opt_state": o, "step": state["step"] + 1}
+        p, o, _ = tx.apply(g, state["opt_state"], state["params"])
+        return {"params": p, "opt_state": o, "step": state["step"] + 1}
 
     opt_state = jax.jit(lambda p: {"params": jax.tree.map(jnp.copy, p), "opt_state": tx.init(p),
                                    "step": jnp.zeros((), jnp.int32)})(params)
@@ -1047,7 +1055,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, nargs="*", default=[32], help="profile: other logprob_chunk sizes to time")
     p.add_argument("--trace", type=Path, help="profile: write a jax.profiler trace of the full steps here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="profile, mfu: override a kwjax config field, e.g. --set remat=True --set logprob_chunk=32")
+                   help="train (kwjax cells), profile, mfu: override a kwjax config field, e.g. --set remat=True "
+                        "--set logprob_chunk=32")
     # mfu
     p.add_argument("--model", default="preset:gemma3-1b", help="mfu: a kwjax.load source or preset:NAME (random)")
     p.add_argument("--compute_dtype", default="", help="mfu: config.compute_dtype (mixed precision), e.g. bfloat16")

@@ -167,26 +167,33 @@ def _generate(module: Gemma3, cfg: SamplingConfig, cache_len: int, params, token
     logits_BV = logits_from_hidden(module.config, params["embedding"], hidden_BTD[:, -1:])[:, 0]
     next_pos_B = positions_BT[:, -1] + 1
 
-    def body(state):
-        step, logits_BV, cache, pos_B, out_BN, logp_BN, done_B, stopped_B = state
+    def emit(step, logits_BV, out_BN, logp_BN, done_B, stopped_B):
+        """Chooses and records token `step` of every row still going."""
         keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
         token_B, logp_B = choose(logits_BV, keys_B, cfg)
         token_B = jnp.where(done_B, 0, token_B)
         out_BN = out_BN.at[:, step].set(token_B)
         logp_BN = logp_BN.at[:, step].set(jnp.where(done_B, 0.0, logp_B))
         hit_B = jnp.any(token_B[:, None] == stop_ids_S[None], axis=-1) & ~done_B
-        stopped_B = stopped_B | hit_B
-        done_B = done_B | hit_B
+        return token_B, out_BN, logp_BN, done_B | hit_B, stopped_B | hit_B
+
+    # Each turn feeds the previous token and chooses the next, so the loop never runs the model for
+    # logits that would not be used (after the last token, or once every row has stopped).
+    def body(state):
+        step, token_B, cache, pos_B, out_BN, logp_BN, done_B, stopped_B = state
         logits_B1V, cache = module.apply({"params": params}, token_B[:, None], pos_B[:, None], cache)
-        return step + 1, logits_B1V[:, 0], cache, pos_B + 1, out_BN, logp_BN, done_B, stopped_B
+        token_B, out_BN, logp_BN, done_B, stopped_B = emit(step, logits_B1V[:, 0], out_BN, logp_BN, done_B,
+                                                           stopped_B)
+        return step + 1, token_B, cache, pos_B + 1, out_BN, logp_BN, done_B, stopped_B
 
     def cond(state):
         step, done_B = state[0], state[6]
         return (step < max_new) & ~jnp.all(done_B)
 
-    init = (jnp.int32(0), logits_BV, cache, next_pos_B,
-            jnp.zeros((batch, width), jnp.int32), jnp.zeros((batch, width), jnp.float32),
-            jnp.zeros((batch,), bool), jnp.zeros((batch,), bool))
+    first = emit(jnp.int32(0), logits_BV, jnp.zeros((batch, width), jnp.int32),
+                 jnp.zeros((batch, width), jnp.float32), jnp.zeros((batch,), bool), jnp.zeros((batch,), bool))
+    token_B, out_BN, logp_BN, done_B, stopped_B = first
+    init = (jnp.int32(1), token_B, cache, next_pos_B, out_BN, logp_BN, done_B, stopped_B)
     step, _, _, _, out_BN, logp_BN, done_B, stopped_B = jax.lax.while_loop(cond, body, init)
     return out_BN, logp_BN, step, stopped_B
 

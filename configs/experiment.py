@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
-    c.remat = True  # recompute each layer's activations in the backward pass (270M DPO step: -1.6 GiB, ~+5% time)
+    c.remat = True  # recompute each layer in the backward pass (270M DPO step: 1.6 GiB lower peak, +1% time; SFT +6%)
     c.logprob_chunk = 128  # response positions per chunk of the vocabulary projection
 
     c.checkpoint_every = 50  # optimizer steps between checkpoints (and one at the end)

@@ -299,7 +299,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _peak_line(tasks) -> list[str]:
-    peaks = [t for t in tasks if getattr(t, "peak_rss_mib", None)]
+    peaks = [t for t in tasks if t.peak_rss_mib]
     if not peaks:
         return []
     top = max(peaks, key=lambda t: t.peak_rss_mib)

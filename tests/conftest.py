@@ -22,6 +22,16 @@ ENGLISH = (
 )
 
 
+def random_logps_inputs(rng: np.random.Generator, B: int, T: int, D: int, V: int, R: int, emb_scale: float):
+    """Random inputs of `losses.response_logps`: hidden [B, T, D], embedding [V, D], response positions
+    and targets [B, R], and an all-true mask for the caller to punch holes in."""
+    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+    emb = (emb_scale * rng.normal(size=(V, D))).astype(np.float32)
+    idx = rng.integers(0, T, size=(B, R)).astype(np.int32)
+    tgt = rng.integers(0, V, size=(B, R)).astype(np.int32)
+    return hidden, emb, idx, tgt, np.ones((B, R), bool)
+
+
 def long_text() -> str:
     """A mixed Korean/English text well over 512 tokens, so sliding-window layers are exercised."""
     return "\n\n".join([KOREAN, ENGLISH] * 8)

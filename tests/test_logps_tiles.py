@@ -14,18 +14,15 @@ import numpy as np
 import pytest
 
 from kwjax import losses
+from tests.conftest import random_logps_inputs
 
 
 @pytest.fixture(scope="module")
 def case():
-    rng = np.random.default_rng(1)
-    B, T, D, V, R = 3, 10, 8, 50, 6
-    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
-    emb = (0.7 * rng.normal(size=(V, D))).astype(np.float32)
-    idx = rng.integers(0, T, size=(B, R)).astype(np.int32)
-    tgt = rng.integers(0, V, size=(B, R)).astype(np.int32)
+    V = 50
+    hidden, emb, idx, tgt, mask = random_logps_inputs(np.random.default_rng(1), B=3, T=10, D=8, V=V, R=6,
+                                                      emb_scale=0.7)
     tgt[0, :3] = [0, V - 1, 16]  # the first and last vocabulary ids among the targets
-    mask = np.ones((B, R), bool)
     mask[1, 4:] = False
     mask[2] = False
     return hidden, emb, idx, tgt, mask

@@ -21,7 +21,7 @@ import pytest
 import kwjax
 from kwjax import batching, losses
 from kwjax.batching import Sequence_
-from tests.conftest import ENGLISH, KOREAN, hf_logits
+from tests.conftest import ENGLISH, KOREAN, hf_logits, random_logps_inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -130,12 +130,8 @@ def assert_metrics_close(got: dict, want: dict, atol=1e-5, rtol=1e-5):
 @pytest.fixture(scope="module")
 def logps_case():
     rng = np.random.default_rng(0)
-    B, T, D, V, R = 4, 12, 16, 50, 7
-    hidden = rng.normal(size=(B, T, D)).astype(np.float32)
-    emb = (0.5 * rng.normal(size=(V, D))).astype(np.float32)
-    idx = rng.integers(0, T, size=(B, R)).astype(np.int32)
-    tgt = rng.integers(0, V, size=(B, R)).astype(np.int32)
-    mask = np.ones((B, R), bool)
+    V = 50
+    hidden, emb, idx, tgt, mask = random_logps_inputs(rng, B=4, T=12, D=16, V=V, R=7, emb_scale=0.5)
     mask[1, 4:] = False  # right padding
     mask[2, 1] = mask[2, 5:] = False  # a hole and padding
     mask[3] = False  # a fully masked row (a padded example)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import socket
 import subprocess
 import sys
@@ -121,8 +122,10 @@ def runs(tmp_path_factory):
     with np.load(out / "single.npz") as z:
         single = {k: z[k] for k in z.files}
     reports = [json.loads((out / f"multi_{i}.json").read_text()) for i in range(2)]
-    return {"out": out, "multi": multi, "single": single, "reports": reports,
-            "single_report": json.loads((out / "single.json").read_text()), "seconds": time.time() - started}
+    yield {"out": out, "multi": multi, "single": single, "reports": reports,
+           "single_report": json.loads((out / "single.json").read_text()), "seconds": time.time() - started}
+    # The runs' checkpoints and compilation cache take ~1.7 GB; pytest would keep them to the session's end.
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _metrics_jsonl(path: Path) -> dict:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import chex
 import jax
@@ -57,7 +59,7 @@ def _tag(mesh: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+def runs(tmp_path_factory) -> Iterator[dict[str, tuple[dict, dict]]]:
     """{mesh: (arrays, report)} from the worker: two processes side by side (the machine has 2 cores)."""
     out = tmp_path_factory.mktemp("multidevice")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -86,7 +88,8 @@ def runs(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
         with np.load(out / f"{_tag(mesh)}.npz") as z:
             arrays = {k: z[k] for k in z.files}
         results[mesh] = (arrays, json.loads((out / f"{_tag(mesh)}.json").read_text()))
-    return results
+    yield results
+    shutil.rmtree(out, ignore_errors=True)  # ~0.5 GB of parameters, otherwise kept to the session's end
 
 
 def _split(arrays: dict, method: str) -> tuple[dict, dict]:

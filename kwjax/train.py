@@ -553,7 +553,7 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
                 if step % steps_per_epoch == 0 or step == total_steps:
                     evaluate(step)
                 if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-                    checkpointer.save(step, state, meta(step))
+                    _save_checkpoint(checkpointer, step, state, meta(step), last_saved)
                     last_saved = step
                 if stopping:
                     interrupted = True
@@ -566,6 +566,18 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
         writer.close()
         checkpointer.close()
     return Result(workdir, step, state["params"], history, interrupted)
+
+
+def _save_checkpoint(checkpointer: Checkpointer, step: int, state, meta: dict, last_saved: int | None) -> None:
+    """A save that fails (a full disk, a lost bucket) leaves the earlier checkpoints as they were: Orbax
+    writes into a temporary directory and renames only a complete one. The error says what is left."""
+    try:
+        checkpointer.save(step, state, meta)
+    except (OSError, ValueError) as e:  # TensorStore reports I/O errors as ValueError
+        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
+            else "no checkpoint had been written yet"
+        raise TrainingError(f"could not save the checkpoint of step {step} in {checkpointer.directory}: {e}; "
+                            f"{kept}; once the cause is fixed, rerun with --resume") from e
 
 
 # ---- whole runs --------------------------------------------------------------------------------------

@@ -131,6 +131,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
+def test_failed_save_keeps_the_last_good_checkpoint_and_resumes(tmp_path, monkeypatch):
+    # What Orbax raised when a real checkpoint outgrew a 60 MB tmpfs (TensorStore's error, a ValueError).
+    full_disk = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0.0.0" in OCDBT database: Failed to write '
+                           "8794112 bytes to file 14: No space left on device [os_error_code='28']")
+    real_save = Checkpointer.save
+    disk = {"full": True}
+
+    def save(self, step, state, meta):
+        if step == 3 and disk["full"]:
+            raise full_disk
+        real_save(self, step, state, meta)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    cfg = tiny_config(max_steps=4, checkpoint_every=1)
+    with pytest.raises(T.TrainingError, match=r"could not save the checkpoint of step 3 in .*checkpoints: "
+                                              r".*No space left on device.*last good checkpoint \(step 2\) is kept"):
+        run(cfg, "sft", tmp_path)
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+    disk["full"] = False
+    resumed = run(cfg, "sft", tmp_path, resume=True)
+    assert [m["step"] for m in resumed.metrics if "loss" in m] == [3, 4]
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
+
+
 def test_unknown_method_and_bad_settings(tmp_path):
     with pytest.raises(T.TrainingError, match="unknown method 'ppo'"):
         T.run(tiny_config(), "ppo", tmp_path)

@@ -535,8 +535,7 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
                 if bad:  # the updated parameters may be poisoned too: never checkpoint this state
-                    kept = f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}" \
-                        if last_saved is not None else "no checkpoint had been written yet"
+                    kept = _what_is_kept(last_saved, f" in {ckpt_dir}")
                     raise TrainingError(f"{bad[0]} is {metrics[bad[0]]} at step {step + 1} (loss "
                                         f"{metrics['loss']}); training stopped and this state was not saved; {kept}")
                 step += 1
@@ -574,10 +573,15 @@ def _save_checkpoint(checkpointer: Checkpointer, step: int, state, meta: dict, l
     try:
         checkpointer.save(step, state, meta)
     except (OSError, ValueError) as e:  # TensorStore reports I/O errors as ValueError
-        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
-            else "no checkpoint had been written yet"
         raise TrainingError(f"could not save the checkpoint of step {step} in {checkpointer.directory}: {e}; "
-                            f"{kept}; once the cause is fixed, rerun with --resume") from e
+                            f"{_what_is_kept(last_saved)}; once the cause is fixed, rerun with --resume") from e
+
+
+def _what_is_kept(last_saved: int | None, where: str = "") -> str:
+    """The end of a stopped run's error: the checkpoint a --resume would start from."""
+    if last_saved is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint (step {last_saved}) is kept{where}"
 
 
 # ---- whole runs --------------------------------------------------------------------------------------

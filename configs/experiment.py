@@ -44,10 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.learning_rate = 5e-6
-    c.dpo.beta = 0.1
-    c.dpo.loss_type = "sigmoid"  # sigmoid, ipo or hinge
-    c.dpo.label_smoothing = 0.0  # cDPO epsilon (sigmoid loss only)
-    c.dpo.rpo_alpha = 0.0  # > 0 adds alpha * NLL(chosen) (RPO)
+    c.dpo.beta = 0.1  # DPO β; simpo: set it to ≈ 2 or more (the paper's); orpo: λ (TRL default 0.1)
+    c.dpo.loss_type = "sigmoid"  # sigmoid, ipo, hinge (with a reference); simpo, orpo (reference-free)
+    c.dpo.label_smoothing = 0.0  # cDPO epsilon (sigmoid and simpo)
+    c.dpo.rpo_alpha = 0.0  # > 0 adds alpha * NLL(chosen) (RPO; sigmoid, ipo, hinge)
+    c.dpo.simpo_gamma = 0.5  # SimPO's target reward margin γ (TRL's default); SimPO wants beta ≈ 2, not 0.1
     c.dpo.reference = "precomputed"  # precomputed (cached on disk) or on_the_fly
     c.dpo.max_steps = 0  # > 0 caps this stage alone (in sft_dpo too)
 
@@ -55,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1: all remaining devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+
+    # Parameters the run reads but never updates: comma-separated regexes over parameter paths, e.g.
+    # "embedding" (Gemma's tied 262k-row embedding: most of the 270M model) or "layer_[0-5]/"; "" trains all.
+    c.freeze = ""
 
     c.remat = True  # recompute each layer in the backward pass (270M DPO step: 1.6 GiB lower peak, +1% time; SFT +6%)
     c.logprob_chunk = 128  # response positions per chunk of the vocabulary projection

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from kwjax.tokenizer import Tokenizer, encode_chat
+from kwjax.models.gemma3.chat import encode_chat
+from kwjax.tokenizer import Tokenizer
 
 TOO_LONG = ("error", "truncate", "drop")
 

@@ -48,5 +48,10 @@ class Checkpointer:
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["meta"])
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON record of a checkpoint alone: checked before the state is restored into a tree."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
     def close(self) -> None:
         self.manager.close()

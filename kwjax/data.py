@@ -11,6 +11,9 @@ Two entry points:
   ``save_to_disk``) into the same dict shapes. Every row is validated; a bad row raises
   :class:`DataError` naming the file, the line or row, the field and what was expected. Nothing is
   dropped silently.
+
+On top of both, :func:`split_rows` (training) and :func:`validation_rows` (evaluation) decide from a run's
+config which of them a run uses, so that no two callers choose differently.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ __all__ = [
     "sft_view",
     "dpo_view",
     "load_records",
+    "shipped_or_file_rows",
+    "split_rows",
+    "validation_rows",
 ]
 
 # The one source file of the shipped set (package data, see pyproject's [tool.setuptools.package-data]).
@@ -247,7 +253,7 @@ class Example:
 _EXAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Example))
 
 
-def _example(path: Path, where: str, row: Any) -> Example:
+def example_from_row(path: Path, where: str, row: Any) -> Example:
     if not isinstance(row, dict):
         raise DataError(path, where, None, f"expected an object, got {_describe(row)}")
     extra = sorted(set(row) - set(_EXAMPLE_FIELDS))
@@ -276,7 +282,7 @@ def load_examples(path: str | Path | None = None, split: str | None = None) -> l
         raise FileNotFoundError(f"data set file not found: {path}")
     rows, seen = [], {}
     for where, row in _iter_jsonl(path):
-        ex = _example(path, where, row)
+        ex = example_from_row(path, where, row)
         if ex.id in seen:
             raise DataError(path, where, "id", f"duplicate id {ex.id!r} (first at {seen[ex.id]})")
         seen[ex.id] = where
@@ -295,3 +301,44 @@ def dpo_view(rows: Sequence[Example]) -> list[dict]:
     """DPO records from the same rows: ``prompt``, ``chosen``, ``rejected``."""
     return [{"id": r.id, "prompt": r.instruction, "chosen": r.chosen, "rejected": r.rejected,
              "keywords": list(r.keywords)} for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------
+# Which rows a run trains and validates on: decided here once, so training, the experiment and the
+# evaluation script cannot disagree about what "validation" means.
+
+
+def shipped_or_file_rows(path: str | Path | None, kind: str, split: str) -> list[dict]:
+    """A user's file in the ``kind`` view when ``path`` is given, else that split of the shipped set."""
+    if path:
+        return load_records(path, kind)
+    view = sft_view if kind == "sft" else dpo_view
+    return view(load_examples(split=split))
+
+
+def split_rows(config, kind: str) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) for training: ``config.data.train_file`` (and ``eval_file``), else the
+    shipped split; each cut to ``data.train_limit`` / ``data.eval_limit`` when set.
+
+    A train file without an eval file means no eval rows: the shipped validation pairs are another
+    data set than the user's. Without a train file both come from the shipped split, even when
+    ``eval_file`` is set (evaluation, `validation_rows`, does read it then).
+    """
+    d = config.data
+    if d.train_file:
+        train = load_records(d.train_file, kind)
+        evals = load_records(d.eval_file, kind) if d.eval_file else []
+    else:
+        train, evals = shipped_or_file_rows(None, kind, "train"), shipped_or_file_rows(None, kind, "validation")
+    if d.get("train_limit", 0):
+        train = train[:d.train_limit]
+    if d.get("eval_limit", 0):
+        evals = evals[:d.eval_limit]
+    return train, evals
+
+
+def validation_rows(config, kind: str = "dpo", limit: int = 0) -> list[dict]:
+    """The rows a finished model is evaluated on: ``config.data.eval_file``, else the shipped validation
+    split; the first ``limit`` when ``limit`` is set."""
+    rows = shipped_or_file_rows(config.data.eval_file, kind, "validation")
+    return rows[:limit] if limit else rows

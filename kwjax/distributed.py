@@ -21,7 +21,6 @@ In a one-process run every helper reduces to the plain single-process operation.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -31,6 +30,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from kwjax import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def digest(data: bytes | str) -> np.ndarray:
     """A 128-bit fingerprint of host data as int32[4], for `all_equal`."""
     if isinstance(data, str):
         data = data.encode()
-    return np.frombuffer(hashlib.blake2b(data, digest_size=16).digest(), np.int32).copy()
+    return np.frombuffer(bytes.fromhex(fingerprint.digest_bytes_iter([data], 16)), np.int32).copy()
 
 
 def params_digests(params) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from kwjax import batching, metrics
+from kwjax.files import atomic_path, atomic_write_text
 from kwjax.sampling import Sampler, SamplingConfig
 from kwjax.weights import LoadedModel
 
@@ -66,9 +67,9 @@ def generate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, *
 def sequence_logps(model: LoadedModel, seqs: Sequence[batching.Sequence_], batch_size: int, bucket: int = 64
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(sum of response-token log-probs, response token count) per sequence, float64 on the host."""
-    from kwjax.train import _forward_logps
+    from kwjax.step import forward_logps
 
-    fwd = jax.jit(lambda p, b: _forward_logps(model.module, p, b, 128)[1:3])
+    fwd = jax.jit(lambda p, b: forward_logps(model.module, p, b, 128)[1:3])
     logps, counts = np.zeros(len(seqs)), np.zeros(len(seqs))
     for start in range(0, len(seqs), batch_size):
         chunk = list(seqs[start:start + batch_size])
@@ -107,12 +108,9 @@ def _wins(lik: Sequence[PairLikelihood]) -> np.ndarray:
 
 def write_jsonl(path: Path, items: Sequence) -> None:
     """Dataclasses to JSONL, written to a temporary name first so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for item in items:
             f.write(json.dumps(dataclasses.asdict(item), ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def write_samples(path: Path, generations: Sequence[Generation]) -> None:
@@ -216,7 +214,5 @@ def evaluate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, o
         write_jsonl(output_dir / "likelihoods.jsonl", lik)
     result: dict = {"model": model.source, "settings": dataclasses.asdict(settings), "prompts": len(rows),
                     **summarize(gens, lik, seed=settings.seed)}
-    tmp = output_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    tmp.replace(output_dir / "metrics.json")
+    atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False))
     return result

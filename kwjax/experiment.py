@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -29,12 +28,16 @@ from typing import Callable
 
 import jax
 
+from kwjax import data as datalib
 from kwjax import evaluate as evallib
 from kwjax import memory
-from kwjax import train as trainlib
+from kwjax import report as reportlib
+from kwjax import stages
+from kwjax.files import atomic_write_text
+from kwjax.fingerprint import digest_json
+from kwjax.runs import read_marker, write_marker
 
 log = logging.getLogger(__name__)
-DONE = "kwjax-experiment.json"  # a finished piece's fingerprint file
 
 
 class ExperimentError(RuntimeError):
@@ -58,10 +61,6 @@ def seed_config(config, seed: int):
     return c
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
-
-
 def train_fingerprint(config, method: str) -> str:
     """What decides a training run's result: everything but evaluation and report settings."""
     d = json.loads(config.to_json_best_effort())
@@ -69,23 +68,27 @@ def train_fingerprint(config, method: str) -> str:
         d.pop(key, None)
     if method != "sft_dpo":  # one stage does not depend on the other stage's settings
         d.pop("dpo" if method == "sft" else "sft", None)
-    return _fingerprint({"method": method, "config": d})
+    # Fields added later, at values that change nothing: dropped, so earlier workdirs stay valid.
+    if not d.get("freeze"):
+        d.pop("freeze", None)
+    if "dpo" in d and d["dpo"].get("loss_type") != "simpo":
+        d["dpo"].pop("simpo_gamma", None)
+    return digest_json({"method": method, "config": d})
 
 
 def eval_fingerprint(config, model: str) -> str:
     d = json.loads(config.to_json_best_effort())
-    return _fingerprint({"model": model, "eval": d["eval"], "train": None if model == "base" else
-                         train_fingerprint(config, model), "base": d["model"], "seed": d["seed"],
-                         "max_length": d["data"]["max_length"]})
+    return digest_json({"model": model, "eval": d["eval"], "train": None if model == "base" else
+                        train_fingerprint(config, model), "base": d["model"], "seed": d["seed"],
+                        "max_length": d["data"]["max_length"]})
 
 
 def _check_done(task: Task, fingerprint: str) -> bool:
     """True if the task's directory holds its finished result; False if none or unfinished (started with
     these settings: training resumes from its checkpoint); an error if made with other settings."""
-    marker = task.path / DONE
-    if not marker.is_file():
+    found = read_marker(task.path)
+    if found is None:
         return False
-    found = json.loads(marker.read_text())
     if found.get("fingerprint") != fingerprint:
         raise ExperimentError(f"{task.path} holds results made with other settings (fingerprint "
                               f"{found.get('fingerprint')}, now {fingerprint}); use a new --workdir, or delete "
@@ -96,10 +99,7 @@ def _check_done(task: Task, fingerprint: str) -> bool:
 
 
 def _mark(task: Task, fingerprint: str, finished: bool, **extra) -> None:
-    task.path.mkdir(parents=True, exist_ok=True)
-    tmp = task.path / f".{DONE}.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished": finished, **extra}, indent=2))
-    tmp.replace(task.path / DONE)
+    write_marker(task.path, fingerprint, finished, **extra)
 
 
 def eval_settings(config) -> evallib.EvalSettings:
@@ -107,17 +107,6 @@ def eval_settings(config) -> evallib.EvalSettings:
     return evallib.EvalSettings(max_new_tokens=e.max_new_tokens, num_samples=e.num_samples,
                                 temperature=e.temperature, top_p=e.top_p, seed=config.seed,
                                 batch_size=e.batch_size, max_length=config.data.max_length)
-
-
-def eval_rows(config) -> list[dict]:
-    """The validation pairs the experiment evaluates on (data.eval_file, else the shipped split)."""
-    import kwjax.data
-
-    if config.data.eval_file:
-        rows = kwjax.data.load_records(config.data.eval_file, "dpo")
-    else:
-        rows = kwjax.data.dpo_view(kwjax.data.load_examples(split="validation"))
-    return rows[:config.eval.limit] if config.eval.limit else rows
 
 
 def machine() -> dict:
@@ -138,9 +127,9 @@ def machine() -> dict:
 def plan(config, workdir: Path) -> list[Task]:
     tasks = []
     methods = list(config.experiment.methods)
-    unknown = [m for m in methods if m not in trainlib.METHODS]
+    unknown = [m for m in methods if m not in stages.METHODS]
     if unknown:
-        raise ExperimentError(f"experiment.methods: unknown {unknown}; expected some of {trainlib.METHODS}")
+        raise ExperimentError(f"experiment.methods: unknown {unknown}; expected some of {stages.METHODS}")
     for seed in config.experiment.seeds:
         root = workdir / f"seed_{seed}"
         tasks.append(Task("eval", "base", seed, root / "eval" / "base"))
@@ -160,21 +149,13 @@ def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
     _mark(task, fp, finished=False)
     t0 = time.time()
     memory.reset_peak()
-    if method == "sft_dpo":
-        import kwjax
-
-        # DPO from this seed's finished SFT model; with no ref_params the starting weights (the SFT model)
-        # are the reference, as in the write-up's SFT→DPO.
-        model = kwjax.load(workdir_seed / "train" / "sft" / "model", dtype=config.dtype)
-        result = trainlib.train(config, "dpo", task.path, model, resume=True, progress=progress)
-    else:
-        model = trainlib.load_model(config)
-        result = trainlib.train(config, method, task.path, model, resume=True, progress=progress)
-    if result.interrupted:
+    # sft_dpo: DPO from this seed's finished SFT model, which is also its reference (as in the write-up)
+    chain = stages.experiment_layout(method, workdir_seed / "train")
+    summary = stages.run_chain(config, chain, resume=True, progress=progress)[chain[-1].method]
+    if summary.get("interrupted"):
         raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
                                 "is saved and a rerun of the experiment resumes it")
-    trainlib.finish(result, model, config)
-    _mark(task, fp, finished=True, final_step=result.final_step, seconds=round(time.time() - t0, 1),
+    _mark(task, fp, finished=True, final_step=summary["final_step"], seconds=round(time.time() - t0, 1),
           peak_rss_mib=memory.peak_mib())
 
 
@@ -188,7 +169,7 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
     t0 = time.time()
     memory.reset_peak()
     if task.model == "base":
-        model = trainlib.load_model(config)
+        model = stages.load_model(config)
     else:
         model = kwjax.load(workdir_seed / "train" / task.model / "model", dtype=config.dtype)
     evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
@@ -198,11 +179,9 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
 def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,
         on_task: Callable[[int, int, Task], None] | None = None) -> Path:
     """Runs (or finishes) every task, then writes the report; returns the report's path."""
-    from kwjax import report as reportlib
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = eval_rows(config)
+    rows = datalib.validation_rows(config, "dpo", config.eval.limit)
     if not rows:
         raise ExperimentError("no evaluation rows (eval.limit or the eval file left none)")
     tasks = plan(config, workdir)
@@ -218,7 +197,7 @@ def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str |
         else:
             _evaluate(task, c, root, rows, progress)
         if not task.reused:
-            done = json.loads((task.path / DONE).read_text())
+            done = read_marker(task.path)
             task.seconds, task.peak_rss_mib = float(done["seconds"]), done.get("peak_rss_mib")
         _write_record(record_path, config, tasks, started)
     record = _write_record(record_path, config, tasks, started)
@@ -235,7 +214,5 @@ def _write_record(path: Path, config, tasks: list[Task], started: float) -> dict
                    "peak_rss_mib": t.peak_rss_mib, "reused": t.reused} for t in tasks],
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False))
     return record

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kwjax.config import ModelConfig
+from kwjax.models.gemma3.config import ModelConfig
 
 
 def layer_matmul_params(config: ModelConfig) -> int:

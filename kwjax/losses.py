@@ -16,7 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+REFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge")  # what `dpo_loss` computes (against a reference)
+LOSS_TYPES = REFERENCE_LOSS_TYPES + ("simpo", "orpo")  # every valid `dpo.loss_type`
 
 
 class ResponseLogps(NamedTuple):
@@ -186,7 +187,8 @@ def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, p
         elif loss_type == "hinge":
             per_pair = jax.nn.relu(1.0 - beta * delta)
         else:
-            raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+            raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {REFERENCE_LOSS_TYPES} "
+                             "(simpo and orpo are simpo_loss and orpo_loss)")
     mask = pair_mask_B.astype(jnp.float32)
     total = jnp.sum(per_pair * mask) / num_pairs_total
     dpo_part = total
@@ -208,4 +210,76 @@ def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, p
         "logps/chosen": mean(policy_chosen_B),
         "logps/rejected": mean(policy_rejected_B),
     }
+    return total, metrics
+
+
+def _pair_mean(mask, num_pairs_total):
+    """x -> its contribution to the step mean over pairs, so micro-batch metrics add up."""
+    return lambda x: jnp.sum(x * mask) / num_pairs_total
+
+
+def _reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_B, policy_rejected_B, mean) -> dict:
+    return {
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/margins": mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
+        "logps/chosen": mean(policy_chosen_B),
+        "logps/rejected": mean(policy_rejected_B),
+    }
+
+
+def simpo_loss(policy_chosen_B, policy_rejected_B, chosen_tokens_B, rejected_tokens_B, pair_mask_B,
+               num_pairs_total, *, beta: float, gamma: float, label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024): −logσ(β·logπ(y_c)/|y_c| − β·logπ(y_r)/|y_r| − γ), no reference.
+
+    The reward is β times the length-averaged log-prob, the quantity generation ranks by, so longer
+    responses earn nothing for length alone; γ asks for a margin. The paper uses β of about 2 or more
+    (DPO's default 0.1 is far too small here). `label_smoothing` ε mixes in −ε·logσ(−…) as cDPO does (TRL's
+    CPOTrainer with loss_type="simpo").
+    """
+    chosen_rewards = beta * policy_chosen_B / chosen_tokens_B
+    rejected_rewards = beta * policy_rejected_B / rejected_tokens_B
+    z = chosen_rewards - rejected_rewards - gamma
+    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+    mean = _pair_mean(pair_mask_B.astype(jnp.float32), num_pairs_total)
+    total = mean(per_pair)
+    metrics = {"loss": total, **_reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_B,
+                                                 policy_rejected_B, mean)}
+    return total, metrics
+
+
+# log(1 − p) diverges as the average token probability p → 1: ORPO's averaged log-probs are capped here.
+ORPO_MAX_AVG_LOGP = -1e-6
+
+
+def log1mexp(a):
+    """log(1 − e^a) for a < 0, accurate at both ends (Mächler 2012): log(−expm1(a)) above −ln 2, where
+    1 − e^a cancels, and log1p(−e^a) below, where e^a is small."""
+    return jnp.where(a > -jnp.log(2.0), jnp.log(-jnp.expm1(a)), jnp.log1p(-jnp.exp(a)))
+
+
+def orpo_loss(policy_chosen_B, policy_rejected_B, chosen_tokens_B, rejected_tokens_B, pair_mask_B,
+              num_pairs_total, num_chosen_tokens_total, *, beta: float):
+    """ORPO (Hong et al. 2024): NLL(chosen) + λ·(−logσ(log odds(y_c) − log odds(y_r))), no reference.
+
+    odds(y) = P/(1 − P) with P the length-averaged probability, so with a = logπ(y)/|y| the log odds are
+    a − log(1 − e^a). The NLL is a mean over the step's chosen tokens, the odds-ratio term a mean over its
+    pairs; `beta` is the paper's λ (TRL's ORPOTrainer names it beta too), rewards are β·a as in TRL.
+    log(1 − e^a) is computed by `log1mexp` with a capped at ORPO_MAX_AVG_LOGP, so a sequence the model
+    already predicts with certainty (a → 0⁻, or a masked row's a = 0) gives a finite loss and gradient.
+    """
+    avg_chosen_B, avg_rejected_B = policy_chosen_B / chosen_tokens_B, policy_rejected_B / rejected_tokens_B
+    a_c, a_r = jnp.minimum(avg_chosen_B, ORPO_MAX_AVG_LOGP), jnp.minimum(avg_rejected_B, ORPO_MAX_AVG_LOGP)
+    log_odds_B = (a_c - a_r) - (log1mexp(a_c) - log1mexp(a_r))
+    log_sig_B = jax.nn.log_sigmoid(log_odds_B)
+    mask = pair_mask_B.astype(jnp.float32)
+    mean = _pair_mean(mask, num_pairs_total)
+    nll = -jnp.sum(policy_chosen_B * mask) / num_chosen_tokens_total
+    or_loss = -beta * mean(log_sig_B)
+    total = nll + or_loss
+    chosen_rewards, rejected_rewards = beta * avg_chosen_B, beta * avg_rejected_B
+    metrics = {"loss": total, "nll_loss": nll, "or_loss": or_loss, "log_odds_ratio": mean(log_sig_B),
+               "log_odds_chosen": mean(log_odds_B),
+               **_reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_B, policy_rejected_B, mean)}
     return total, metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kwjax import evaluate as evallib
-from kwjax.experiment import DONE
+from kwjax.runs import read_marker
 
 LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO", "sft_dpo": "SFT→DPO", "chosen": "chosen (data)"}
 # (key, label, decimals); the arrow says which direction is better.
@@ -331,7 +331,7 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
         f"- Training: batch {config.batch_size}, learning rates SFT {config.sft.learning_rate:g} / DPO "
         f"{config.dpo.learning_rate:g} ({config.optimizer.schedule}), sequences up to {config.data.max_length} "
         f"tokens; steps per run: " + ", ".join(
-            f"{LABELS[t.model]} {json.loads((t.path / DONE).read_text()).get('final_step')}"
+            f"{LABELS[t.model]} {read_marker(t.path).get('final_step')}"
             for t in tasks if t.kind == "train" and t.seed == seeds[0]) + f" (seed {seeds[0]}).",
         f"- Evaluation: {len(rows)} validation prompts; greedy plus {e.num_samples} sample(s) per prompt "
         f"(temperature {e.temperature}, top-p {e.top_p}), up to {e.max_new_tokens} new tokens; seeds {seeds}.",

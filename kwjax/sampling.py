@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kwjax.model import Gemma3, init_cache, logits_from_hidden, positions_from_mask
+from kwjax.models.gemma3.model import Gemma3, init_cache, logits_from_hidden, positions_from_mask
 
 STOP_TOKEN, MAX_NEW_TOKENS = "stop_token", "max_new_tokens"
 
@@ -210,7 +210,7 @@ class Sampler:
         self.stop_ids = (tok.end_of_turn_id, tok.eos_id) if tok is not None else (model.config.eos_id,)
 
     def encode(self, prompts: Sequence[str], chat: bool) -> list[list[int]]:
-        from kwjax.tokenizer import format_user_prompt
+        from kwjax.models.gemma3.chat import format_user_prompt
 
         out = []
         for i, p in enumerate(prompts):

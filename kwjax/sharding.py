@@ -65,7 +65,8 @@ def _arrange(devices: list, shape: tuple[int, int, int], explicit: bool) -> np.n
     return np.asarray(devices).reshape(shape)
 
 
-def _path(keys) -> str:
+def param_path(keys) -> str:
+    """A tree path as the rules match it: keys joined by "/", e.g. `layer_0/attn/q`."""
     return "/".join(str(getattr(k, "key", k)) for k in keys)
 
 
@@ -82,12 +83,12 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_shardings(params, mesh: Mesh):
     """NamedShardings for a params pytree (arrays or ShapeDtypeStructs)."""
     return jax.tree_util.tree_map_with_path(
-        lambda keys, x: NamedSharding(mesh, param_spec(_path(keys), x.shape, mesh)), params)
+        lambda keys, x: NamedSharding(mesh, param_spec(param_path(keys), x.shape, mesh)), params)
 
 
 def sharding_for_path(mesh: Mesh, shapes):
     """`load(shardings=...)` callback: the sharding of one parameter path, placed as it is read."""
-    flat = {_path(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(shapes)}
+    flat = {param_path(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(shapes)}
     return lambda path: NamedSharding(mesh, param_spec("/".join(path), flat["/".join(path)], mesh))
 
 

@@ -265,49 +265,45 @@ def bench_config(method: str, reference: str | None, total_steps: int, batch: in
 
 
 def _kwjax_data(workload: dict, method: str):
-    from kwjax import batching
-    from kwjax import train as T
+    from kwjax import batching, feed
 
     if method == "sft":
         items = [batching.Sequence_(tuple(r["prompt_ids"]), tuple(r["response_ids"])) for r in workload["sft"]]
     else:
         items = [(batching.Sequence_(tuple(r["prompt_ids"]), tuple(r["chosen_ids"])),
                   batching.Sequence_(tuple(r["prompt_ids"]), tuple(r["rejected_ids"]))) for r in workload["dpo"]]
-    return T.Data(items, [str(i) for i in range(len(items))], batching.Report(rows=len(items)), method)
+    return feed.Data(items, [str(i) for i in range(len(items))], batching.Report(rows=len(items)), method)
 
 
 def kwjax_setup(method: str, reference: str | None, total_steps: int, workload: dict, dtype: str = "float32", *,
-                model: str = "gemma3-270m", batch: int = BATCH, compute_dtype: str = "", donate_init: bool = False,
-                overrides: dict | None = None):
-    """Everything kwjax.train.train builds before its loop, from the same functions: the mesh, the module,
-    sharded parameters, the optimizer, the (reference), the initial state and the jitted, donating step.
+                model: str = "gemma3-270m", batch: int = BATCH, compute_dtype: str = "",
+                overrides: dict | None = None, on_loaded=None):
+    """What kwjax.train.train runs before its loop: the model load, then `kwjax.prepare.prepare` on the
+    benchmark's workload (mesh, sharded trees, optimizer, reference pass, donated state, jitted step).
 
-    Returns a dict with `step_fn` (jitted, not yet compiled), `state`, `ref_tree`, `batches` (one per
-    step, on device) and the pieces the profile reuses. `model`: a kwjax.load source, or "preset:NAME"
-    (kwjax.config.PRESETS, random weights: enough for timing, e.g. "preset:gemma3-1b" without a checkpoint).
-    `overrides` sets config fields ("remat", "logprob_chunk", "dpo.reference", …) before anything is built.
-    `donate_init` donates the parameters to the jitted creation of the train state (kwjax.train.train
-    does not: the parameters then exist twice for the whole run); it measures that proposed change.
+    Returns a dict with `prepared`, `state`, `ref_tree`, `frozen`, `step_fn` (jitted, not yet compiled),
+    `batches` (one per step, on device), the reference pass's per-batch times and `load_s`. `model`: a
+    kwjax.load source, or "preset:NAME" (kwjax.models.gemma3.config.PRESETS, random weights: enough for timing, e.g.
+    "preset:gemma3-1b" without a checkpoint). `overrides` sets config fields ("remat", "logprob_chunk",
+    "dpo.reference", "freeze", …) before anything is built; `on_loaded()` runs between load and prepare.
     """
     import jax
-    import jax.numpy as jnp
 
     import kwjax
-    from kwjax import distributed, optimizer, sharding
-    from kwjax import train as T
-    from kwjax.model import Gemma3
+    from kwjax.prepare import prepare
 
-    out: dict = {}
     t = time.perf_counter()
     if model.startswith("preset:"):
-        from kwjax.config import PRESETS
-        from kwjax.model import init_params
+        from kwjax.models.gemma3.config import PRESETS
+        from kwjax.models.gemma3.model import init_params
         from kwjax.weights import LoadedModel, parse_dtype
 
         mcfg = PRESETS[model.split(":", 1)[1]]()
         model = LoadedModel(mcfg, init_params(mcfg, jax.random.PRNGKey(0), parse_dtype(dtype)), None, model)
     else:
         model = kwjax.load(model, dtype=dtype, with_tokenizer=False)
+    jax.block_until_ready(model.params)
+    load_s = time.perf_counter() - t
     config = bench_config(method, reference, total_steps, batch, compute_dtype)
     for key, value in (overrides or {}).items():
         *path, last = key.split(".")
@@ -315,112 +311,71 @@ def kwjax_setup(method: str, reference: str | None, total_steps: int, workload: 
         for part in path:
             node = node[part]
         node[last] = value
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    module = Gemma3(model.config, param_dtype=model.dtype, remat=config.remat)
-    p_shard = sharding.param_shardings(model.params, mesh)
-    params = jax.block_until_ready(distributed.put_global(model.params, p_shard))
-    out["load_s"] = time.perf_counter() - t
-    data = _kwjax_data(workload, method)
-
-    on_the_fly = method == "dpo" and config.dpo.reference == "on_the_fly"
-    ref_tree, ref_logps = None, None
-    if method == "dpo":
-        if on_the_fly:  # a copy, as train() makes: the policy's buffers are donated to the step
-            ref_tree = jax.tree.map(jnp.copy, params)
-        else:  # the reference pass train() runs before its loop (T.reference_logps, here timed per batch)
-            ref_logps, out["reference"] = kwjax_reference_pass(module, params, data, config, mesh)
-    out.update(config=config, mesh=mesh, module=module, model_config=model.config, p_shard=p_shard,
-               ref_tree=ref_tree, on_the_fly=on_the_fly, data=data, params=params)
+    if on_loaded is not None:
+        on_loaded()
+    ref_times: list[float] = []
+    prepared = prepare(config, method, model, data=(_kwjax_data(workload, method), None),
+                       on_reference_batch=lambda i, seconds: ref_times.append(seconds))
+    model_config = model.config
     del model
-
-    def finish_setup():
-        peak_lr = config[method].get("learning_rate", config.optimizer.learning_rate)
-        tx, lr_schedule = optimizer.make(config.optimizer, peak_lr, total_steps, params)
-        state = jax.jit(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)},
-                        donate_argnums=(0,) if donate_init else ())(params)
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        step_fn = jax.jit(T.make_train_step(module, method, config, tx, lr_schedule, on_the_fly),
-                          in_shardings=(state_shardings, None, p_shard if on_the_fly else None),
-                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-        batches = [T.global_batch(data, list(range(i * batch, (i + 1) * batch)), config, mesh, ref_logps)
-                   for i in range(total_steps)]
-        rows = batch if method == "sft" else 2 * batch
-        for b in batches:  # the exact workload: no padding anywhere
-            assert b["tokens_BT"].shape == (rows, PROMPT_LEN + RESPONSE_LEN), b["tokens_BT"].shape
-            assert b["targets_BR"].shape == (rows, RESPONSE_LEN) and bool(b["target_mask_BR"].all())
-            assert bool(b["valid_BT"].all()) and bool(b["example_mask_B"].all())
-        out.update(tx=tx, lr_schedule=lr_schedule, state=state, step_fn=step_fn, batches=batches)
-
-    out["finish_setup"] = finish_setup
+    batches = [prepared.batch("train", list(range(i * batch, (i + 1) * batch))) for i in range(total_steps)]
+    rows = batch if method == "sft" else 2 * batch
+    for b in batches:  # the exact workload: no padding anywhere
+        assert b["tokens_BT"].shape == (rows, PROMPT_LEN + RESPONSE_LEN), b["tokens_BT"].shape
+        assert b["targets_BR"].shape == (rows, RESPONSE_LEN) and bool(b["target_mask_BR"].all())
+        assert bool(b["valid_BT"].all()) and bool(b["example_mask_B"].all())
+    out = {"prepared": prepared, "config": config, "module": prepared.module, "model_config": model_config,
+           "state": prepared.state, "ref_tree": prepared.ref, "frozen": prepared.frozen, "tx": prepared.tx,
+           "step_fn": prepared.step_fn.jitted, "on_the_fly": prepared.on_the_fly, "batches": batches,
+           "load_s": load_s}
+    if ref_times:
+        rest = ref_times[1:] or ref_times
+        out["reference"] = {"batches": len(ref_times), "first_batch_s": round(ref_times[0], 3),
+                            "per_batch_s": round(statistics.median(rest), 4), "total_s": round(sum(ref_times), 2)}
     return out
 
 
-def kwjax_reference_pass(module, params, data, config, mesh):
-    """The precomputed reference: what kwjax.train.reference_logps does (same jitted forward, same batches),
-    with the first batch (compile + run) and the rest timed apart. Returns ([N, 2] log-probs, timings)."""
-    import jax
-    import numpy as np
-
-    from kwjax import sharding
-    from kwjax import train as T
-
-    cdtype = T.compute_dtype(config, module.param_dtype)
-    fwd = jax.jit(lambda p, b: T._forward_logps(module, T._cast(p, cdtype), b, config.logprob_chunk).logps_B,
-                  out_shardings=sharding.replicated(mesh))
-    bsz = config.batch_size
-    out = np.zeros((len(data.items), 2), np.float64)
-    times = []
-    for start in range(0, len(data.items), bsz):
-        idx = list(range(start, min(start + bsz, len(data.items))))
-        batch = T.global_batch(data, idx, config, mesh)
-        t = time.perf_counter()
-        logps = np.asarray(fwd(params, batch))
-        times.append(time.perf_counter() - t)
-        out[idx, 0] = logps[:len(idx)]
-        out[idx, 1] = logps[bsz:bsz + len(idx)]
-    rest = times[1:] or times
-    return out, {"batches": len(times), "first_batch_s": round(times[0], 3),
-                 "per_batch_s": round(statistics.median(rest), 4), "total_s": round(sum(times), 2)}
-
-
 def kwjax_worker(method: str, reference: str | None, warmup: int, steps: int, workload: dict,
-                 donate_init: bool = False, overrides: dict | None = None) -> dict:
+                 overrides: dict | None = None) -> dict:
     import jax
 
-    from kwjax import train as T
+    from kwjax.step import release_freed_memory
 
     total = warmup + steps
     _reset_peak()
     base_kib = _proc_status("VmRSS")
-    s = kwjax_setup(method, reference, total, workload, donate_init=donate_init, overrides=overrides)
-    loaded_kib = _proc_status("VmRSS")
-    load_peak_kib = _proc_status("VmHWM")
-    _reset_peak()  # from here on: the training peak (state init, compile, steps)
-    s["finish_setup"]()
-    state, ref_tree, batches = s["state"], s["ref_tree"], s["batches"]
-    del s["params"]  # only the state holds the parameters now (they are donated to the step)
+    marks = {}
+
+    def loaded():  # from here on: the training peak (reference pass, state init, compile, steps)
+        marks["loaded_kib"], marks["load_peak_kib"] = _proc_status("VmRSS"), _proc_status("VmHWM")
+        _reset_peak()
+
+    s = kwjax_setup(method, reference, total, workload, overrides=overrides, on_loaded=loaded)
+    state, ref_tree, frozen, batches = s["state"], s["ref_tree"], s["frozen"], s["batches"]
+    s["prepared"].state = None  # this loop owns the state (donated to every step)
     t = time.perf_counter()
-    compiled = s["step_fn"].lower(state, batches[0], ref_tree).compile()
+    compiled = s["step_fn"].lower(state, batches[0], ref_tree, frozen).compile()
     compile_s = time.perf_counter() - t
-    T.release_freed_memory()  # as kwjax.train.CompiledSteps does before a step first runs
+    release_freed_memory()  # as kwjax.step.CompiledSteps does before a step first runs
     times, losses = [], []
     for i in range(total):
         t = time.perf_counter()
-        state, metrics = compiled(state, batches[i], ref_tree)
+        state, metrics = compiled(state, batches[i], ref_tree, frozen)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
         losses.append(float(metrics["loss"]))
         if i == 0:
             first_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     train_peak_kib = _proc_status("VmHWM")
+    load_peak_kib = marks["load_peak_kib"]
     return {"step_s": times[warmup:], "warmup_step_s": times[:warmup], "compile_s": compile_s,
             "first_step_s": times[0], "load_s": s["load_s"], "reference": s.get("reference"),
             "losses": losses, "first_metrics": first_metrics,
-            "rss_before_load_MiB": _mib(base_kib), "rss_after_load_MiB": _mib(loaded_kib),
+            "rss_before_load_MiB": _mib(base_kib), "rss_after_load_MiB": _mib(marks["loaded_kib"]),
             "peak_load_MiB": _mib(load_peak_kib), "peak_train_MiB": _mib(train_peak_kib),
             "peak_total_MiB": _mib(max(load_peak_kib, train_peak_kib)),
             "versions": {"jax": jax.__version__}, "config": {
-                "logprob_chunk": s["config"].logprob_chunk, "remat": s["config"].remat, "donate_init": donate_init,
+                "logprob_chunk": s["config"].logprob_chunk, "remat": s["config"].remat,
                 "overrides": overrides or {},
                 "reference": reference, "learning_rate": LEARNING_RATE[method]}}
 
@@ -545,8 +500,7 @@ def bench_worker(args) -> None:
     workload = json.loads(Path(args.workload).read_text())
     reference = args.reference or None
     if args.framework == "kwjax":
-        result = kwjax_worker(args.method, reference, args.warmup, args.steps, workload, args.kwjax_donate_init,
-                              parse_overrides(args.set))
+        result = kwjax_worker(args.method, reference, args.warmup, args.steps, workload, parse_overrides(args.set))
     else:
         result = trl_worker(args.method, reference, args.warmup, args.steps, workload, args.hf_dir,
                             args.trl_gradient_checkpointing)
@@ -578,16 +532,24 @@ def hf_export_dir(dtype: str = "float32") -> Path:
 
 
 def _run_cell(framework, method, reference, args, workload_path, hf_dir) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--framework", framework, "--method", method,
+    """One cell in a fresh process. "baseline" is kwjax from the checkout `--baseline` names (its own
+    scripts/bench.py and package, first on PYTHONPATH): before and after a change, side by side."""
+    import os
+
+    script, env = Path(__file__).resolve(), None
+    if framework == "baseline":
+        root = Path(args.baseline).resolve()
+        script, env = root / "scripts" / "bench.py", {**os.environ, "PYTHONPATH": str(root)}
+        framework = "kwjax"
+    cmd = [sys.executable, str(script), "worker", "--framework", framework, "--method", method,
            "--reference", reference or "", "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--workload", str(workload_path), "--hf_dir", str(hf_dir)]
     if args.trl_gradient_checkpointing:
         cmd.append("--trl_gradient_checkpointing")
-    cmd.append("--kwjax_donate_init" if args.kwjax_donate_init else "--no-kwjax_donate_init")
     if framework == "kwjax":
         cmd += [f"--set={item}" for item in args.set]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -662,7 +624,7 @@ def _summarize(runs: list[dict], method: str, framework: str, reference: str | N
     med = statistics.median(steps)
     tokens = flops.tokens_per_step(method, BATCH, PROMPT_LEN, RESPONSE_LEN)
     sf = flops.train_step_flops(model_config, method=method, batch=BATCH, prompt_len=PROMPT_LEN,
-                                response_len=RESPONSE_LEN, logits="response" if framework == "kwjax" else "all",
+                                response_len=RESPONSE_LEN, logits="all" if framework == "trl" else "response",
                                 reference=reference or "precomputed")
     out = {"step_s_median": round(med, 3), "step_s_per_round": [round(statistics.median(r["step_s"]), 3) for r in ok],
            "step_s_min": round(min(steps), 3), "step_s_max": round(max(steps), 3), "steps_measured": len(steps),
@@ -705,12 +667,14 @@ def _ratio(a, b):
 def bench_train(args) -> dict:
     import tempfile
 
-    from kwjax.config import PRESETS
+    from kwjax.models.gemma3.config import PRESETS
 
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     peer_missing = trl_available() if "trl" in frameworks else None
     cells = [c for c in CELLS if c[0] in frameworks and c[1] in methods and not (c[0] == "trl" and peer_missing)]
+    if args.baseline:  # each kwjax cell, then the same cell of the baseline checkout
+        cells = [x for c in cells for x in ([c, ("baseline", *c[1:])] if c[0] == "kwjax" else [c])]
     total = args.warmup + args.steps
 
     from kwjax.paths import embedded_gguf_path
@@ -754,13 +718,19 @@ def bench_train(args) -> dict:
                          "peak_train_memory": _ratio(ra["peak_train_MiB"], rb["peak_train_MiB"]),
                          "peak_total_memory": _ratio(ra["peak_total_MiB"], rb["peak_total_MiB"]),
                          "target_step_time": time_target, "target_peak_memory": memory_target}
-    return {"workload": {"model": "Gemma 3 270M (embedded GGUF, dequantized), float32, CPU",
+    over_baseline = {}
+    for c in cells if args.baseline else []:
+        ra, rb = results.get(cell_name(*c)), results.get(cell_name("baseline", *c[1:]))
+        if c[0] == "kwjax" and ra and rb and "error" not in ra and "error" not in rb:
+            over_baseline[cell_name(*c)] = {"step_time": _ratio(ra["step_s_median"], rb["step_s_median"]),
+                                            "peak_train_memory": _ratio(ra["peak_train_MiB"], rb["peak_train_MiB"])}
+    return {"baseline": str(args.baseline) if args.baseline else None, "ratios_over_baseline": over_baseline,
+            "workload": {"model": "Gemma 3 270M (embedded GGUF, dequantized), float32, CPU",
                          "batch": f"{BATCH} (SFT sequences / DPO pairs)", "prompt_tokens": PROMPT_LEN,
                          "response_tokens": RESPONSE_LEN, "optimizer": "AdamW, constant lr, clip 1.0, wd 0",
                          "learning_rate": LEARNING_RATE, "dpo_beta": DPO_BETA, "warmup_steps": args.warmup,
                          "measured_steps_per_round": args.steps, "rounds": args.rounds,
                          "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
-                         "kwjax_donate_init": args.kwjax_donate_init,
                          "kwjax_overrides": parse_overrides(args.set)},
             "peer": peer_missing or "trl", "matmul": matmul, "results": results, "ratios_kwjax_over_trl": ratios,
             "wall_s": round(time.perf_counter() - started, 1)}
@@ -783,6 +753,11 @@ def train_table(result: dict) -> str:
                      f"{r['flops']['model_flops'] / 1e12:.3f} | {r.get('fraction_of_matmul_rate', '')} |")
     if result.get("peer") != "trl":
         lines.append(f"\nPeer (TRL) {result['peer']}: kwjax rows only.")
+    if result.get("ratios_over_baseline"):
+        lines += ["", f"| cell | step time ÷ baseline ({result['baseline']}) | peak train memory ÷ baseline |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {k} | {v['step_time']} | {v['peak_train_memory']} |"
+                  for k, v in result["ratios_over_baseline"].items()]
     if result.get("ratios_kwjax_over_trl"):
         lines += ["", "| comparison | step time kwjax ÷ TRL | target | peak train memory kwjax ÷ TRL | target | "
                   "peak incl. load |", "| --- | --- | --- | --- | --- | --- |"]
@@ -838,9 +813,9 @@ def bench_profile(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from kwjax import flops, losses
-    from kwjax import train as T
-    from kwjax.model import positions_from_mask
+    from kwjax import flops, losses, objectives
+    from kwjax import step as steplib
+    from kwjax.models.gemma3.model import positions_from_mask
     from kwjax.paths import embedded_gguf_path
     from kwjax.tokenizer import load_tokenizer
 
@@ -851,9 +826,9 @@ def bench_profile(args) -> dict:
     total = reps + 2
     workload = build_workload(load_tokenizer(embedded_gguf_path()), total * BATCH)
     s = kwjax_setup(method, reference, total, workload, overrides=parse_overrides(args.set))
-    s["finish_setup"]()
     module, config, cfg = s["module"], s["config"], s["model_config"]
-    batch, params, ref_tree = s["batches"][0], s["state"]["params"], s["ref_tree"]
+    batch, ref_tree, frozen = s["batches"][0], s["ref_tree"], s["frozen"]
+    params = s["prepared"].params()  # the whole model, for the parts that run the module directly
     chunk = config.logprob_chunk
     rows = BATCH if method == "sft" else 2 * BATCH
     seq = PROMPT_LEN + RESPONSE_LEN
@@ -893,15 +868,16 @@ def bench_profile(args) -> dict:
             record(f"vocabulary log-probs forward+backward (chunk {c})", jax.jit(jax.grad(vocab_c, argnums=(0, 1))),
                    hidden, emb, batch, fl=3 * fwd_fl.vocabulary)
 
-    loss_fn = T.make_loss_fn(module, method, config)
-    totals = T._totals(batch, method)
+    loss_fn = steplib.make_loss_fn(module, method, config)
+    totals = objectives.totals(objectives.get(method, config), batch)
+    trainable = s["state"]["params"]
     ref = ref_tree if s["on_the_fly"] else None
-    record("loss forward (= reference pass)", jax.jit(lambda p, b: loss_fn(p, b, ref, totals)[0]), params, batch,
-           fl=fwd_fl.total * (2 if ref is not None else 1))
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, ref, totals)[0]))
-    record("loss forward+backward", grad_fn, params, batch,
+    record("loss forward (= reference pass)", jax.jit(lambda p, b: loss_fn(p, b, ref, totals, frozen)[0]), trainable,
+           batch, fl=fwd_fl.total * (2 if ref is not None else 1))
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, ref, totals, frozen)[0]))
+    record("loss forward+backward", grad_fn, trainable, batch,
            fl=3 * fwd_fl.total + (fwd_fl.total if ref is not None else 0))
-    grads = grad_fn(params, batch)[1]
+    grads = grad_fn(trainable, batch)[1]
     tx = s["tx"]
 
     def update(state, g):
@@ -909,7 +885,7 @@ def bench_profile(args) -> dict:
         return {"params": p, "opt_state": o, "step": state["step"] + 1}
 
     opt_state = jax.jit(lambda p: {"params": jax.tree.map(jnp.copy, p), "opt_state": tx.init(p),
-                                   "step": jnp.zeros((), jnp.int32)})(params)
+                                   "step": jnp.zeros((), jnp.int32)})(trainable)
     upd = jax.jit(update, donate_argnums=(0,))
     opt_state = jax.block_until_ready(upd(opt_state, grads))  # compile + a first run, not timed
     ts = []
@@ -918,11 +894,11 @@ def bench_profile(args) -> dict:
         opt_state = jax.block_until_ready(upd(opt_state, grads))
         ts.append(time.perf_counter() - t)
     parts["optimizer update (clip + AdamW)"] = {"median_s": round(statistics.median(ts), 4)}
-    del opt_state, grads
+    del opt_state, grads, params, trainable
 
     state = s["state"]
-    compiled = s["step_fn"].lower(state, batch, ref_tree).compile()
-    state, m = compiled(state, batch, ref_tree)
+    compiled = s["step_fn"].lower(state, batch, ref_tree, frozen).compile()
+    state, m = compiled(state, batch, ref_tree, frozen)
     jax.block_until_ready(m)
     ts = []
     trace = args.trace
@@ -930,7 +906,7 @@ def bench_profile(args) -> dict:
         jax.profiler.start_trace(str(trace))
     for i in range(reps):
         t = time.perf_counter()
-        state, m = compiled(state, s["batches"][1 + i], ref_tree)
+        state, m = compiled(state, s["batches"][1 + i], ref_tree, frozen)
         jax.block_until_ready((state, m))
         ts.append(time.perf_counter() - t)
     if trace:
@@ -1011,16 +987,14 @@ def bench_mfu(args) -> dict:
     workload = build_workload(load_tokenizer(embedded_gguf_path()), total * args.batch)
     s = kwjax_setup(method, reference, total, workload, args.dtype, model=args.model, batch=args.batch,
                     compute_dtype=args.compute_dtype, overrides=parse_overrides(args.set))
-    s["finish_setup"]()
-    state, ref_tree, batches = s["state"], s["ref_tree"], s["batches"]
-    del s["params"]
+    state, ref_tree, frozen, batches = s["state"], s["ref_tree"], s["frozen"], s["batches"]
     t = time.perf_counter()
-    compiled = s["step_fn"].lower(state, batches[0], ref_tree).compile()
+    compiled = s["step_fn"].lower(state, batches[0], ref_tree, frozen).compile()
     compile_s = time.perf_counter() - t
     times = []
     for i in range(total):
         t = time.perf_counter()
-        state, metrics = compiled(state, batches[i], ref_tree)
+        state, metrics = compiled(state, batches[i], ref_tree, frozen)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times[args.warmup:])
@@ -1061,9 +1035,8 @@ def main() -> None:
     p.add_argument("--methods", default="sft,dpo")
     p.add_argument("--trl_gradient_checkpointing", action="store_true",
                    help="train: TRL with its own default gradient checkpointing (default off, like kwjax's remat)")
-    p.add_argument("--kwjax_donate_init", action=argparse.BooleanOptionalAction, default=True,
-                   help="train: donate the parameters when kwjax creates its train state, as kwjax.train does "
-                        "(--no-kwjax_donate_init: the earlier undonated creation, one more copy of the weights)")
+    p.add_argument("--baseline", default="", help="train: a checkout of an earlier kwjax; its kwjax cells run "
+                   "beside this tree's, alternating (e.g. `git worktree add /tmp/base HEAD~1`)")
     p.add_argument("--no_matmul", action="store_true", help="train: skip the matmul-rate measurement")
     p.add_argument("--matmul_n", type=int, default=2048)
     # profile

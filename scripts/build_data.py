@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kwjax.data import FAILURE_MODES, FORMS, SOURCE_PATH, _example  # noqa: E402
+from kwjax.data import FAILURE_MODES, FORMS, SOURCE_PATH, example_from_row  # noqa: E402
 
 PARTS_DIR = REPO / "data" / "parts"
 N_PARTS, ROWS_PER_PART = 5, 35
@@ -56,7 +56,7 @@ def read_parts(parts_dir: Path) -> list[dict]:
     merged = []
     for i, (path, lineno, row) in enumerate(rows, start=1):
         row = {"id": f"kl-{i:03d}", "split": "train", **row}
-        _example(path, f"line {lineno}", row)  # schema check; raises DataError naming file/line/field
+        example_from_row(path, f"line {lineno}", row)  # schema check; raises DataError naming file/line/field
         merged.append(row)
     return merged
 

@@ -7,7 +7,7 @@ import time
 
 import kwjax
 from kwjax import sampling
-from kwjax.tokenizer import format_user_prompt
+from kwjax.models.gemma3.chat import format_user_prompt
 
 
 def main() -> None:

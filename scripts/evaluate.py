@@ -38,10 +38,8 @@ def main(argv=None) -> int:
     try:
         if args.keywords_file:
             rows = evaluate.rows_from_keywords_file(args.keywords_file)
-        elif args.data:
-            rows = kwjax.data.load_records(args.data, "dpo")
         else:
-            rows = kwjax.data.dpo_view(kwjax.data.load_examples(split="validation"))
+            rows = kwjax.data.shipped_or_file_rows(args.data, "dpo", "validation")
         if args.limit:
             rows = rows[:args.limit]
         settings = evaluate.EvalSettings(args.max_new_tokens, args.num_samples, args.temperature, args.top_p,

@@ -36,7 +36,7 @@ def main(argv) -> int:
     from kwjax import experiment
     from kwjax.data import DataError
     from kwjax.sampling import SamplingError
-    from kwjax.train import TrainingError
+    from kwjax.prepare import TrainingError
     from kwjax.weights import WeightsError
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file operation at INFO
@@ -84,4 +84,8 @@ def preset_to_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), argv=preset_to_config(sys.argv))
+    from kwjax.cli import check_overrides
+
+    args = preset_to_config(sys.argv)
+    check_overrides(args)
+    app.run(lambda argv: sys.exit(main(argv)), argv=args)

@@ -7,7 +7,7 @@ import argparse
 import numpy as np
 
 import kwjax
-from kwjax.tokenizer import format_user_prompt
+from kwjax.models.gemma3.chat import format_user_prompt
 
 
 def main() -> None:

@@ -43,7 +43,8 @@ def main(argv) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from kwjax.train import TrainingError, run
+    from kwjax.prepare import TrainingError
+    from kwjax.stages import run
 
     from absl import logging as absl_logging
 
@@ -71,4 +72,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from kwjax.cli import check_overrides
+
+    check_overrides(sys.argv, default="configs/experiment.py")
     app.run(lambda argv: sys.exit(main(argv)))

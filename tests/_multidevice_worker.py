@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from kwjax import data as datalib, sharding, train as trainlib  # noqa: E402
+from kwjax import data as datalib, reference as reflib, sharding, stages, train as trainlib  # noqa: E402
 
 N_TRAIN, N_EVAL = 16, 8
 MAX_LENGTH = 48
@@ -77,7 +77,7 @@ def check_shardings(params, mesh_shape, n_devices: int) -> dict:
     """Each final param's spec, compared with the rules; returns {path: {...}} and raises on a mismatch."""
     report = {}
     for keys, x in jax.tree_util.tree_leaves_with_path(params):
-        path = sharding._path(keys)
+        path = sharding.param_path(keys)
         s = x.sharding
         mesh = s.mesh
         got_shape = tuple(mesh.shape[a] for a in sharding.AXES)
@@ -146,8 +146,8 @@ def run_mesh(mesh: tuple[int, int, int], files, out_dir: pathlib.Path) -> None:
         report["make_mesh"] = mesh_checks()
     for method in ("sft", "dpo"):
         config = make_config(mesh, files, method)
-        model = trainlib.load_model(config)  # a fresh copy per run: train() donates model.params
-        report[f"{method}_init_fingerprint"] = trainlib.params_fingerprint(model.params)
+        model = stages.load_model(config)  # a fresh copy per run: train() donates model.params
+        report[f"{method}_init_fingerprint"] = reflib.params_fingerprint(model.params)
         started = time.time()
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as workdir:
             os.environ["KWJAX_CACHE"] = cache  # this run's own reference cache
@@ -165,7 +165,7 @@ def run_mesh(mesh: tuple[int, int, int], files, out_dir: pathlib.Path) -> None:
         arrays[f"{method}/eval_loss"] = np.array([evals[0]["eval_loss"]], np.float64)
         report[f"{method}_shardings"] = check_shardings(result.params, mesh, len(devices))
         for keys, x in jax.tree_util.tree_leaves_with_path(result.params):
-            arrays[f"{method}/params/{sharding._path(keys)}"] = np.asarray(jax.device_get(x))
+            arrays[f"{method}/params/{sharding.param_path(keys)}"] = np.asarray(jax.device_get(x))
         del result, model
     np.savez(out_dir / f"{tag}.npz", **arrays)
     (out_dir / f"{tag}.json").write_text(json.dumps(report, indent=1))

@@ -51,9 +51,11 @@ distributed.initialize()  # from KWJAX_* (multi); a no-op for the single worker
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kwjax import sharding, train as trainlib  # noqa: E402
+from kwjax import data as datalib, feed, reference as reflib, sharding, stages  # noqa: E402
+from kwjax import step as steplib  # noqa: E402
+from kwjax import train as trainlib  # noqa: E402
 from kwjax.checkpoint import Checkpointer  # noqa: E402
-from kwjax.model import Gemma3  # noqa: E402
+from kwjax.models.gemma3.model import Gemma3  # noqa: E402
 
 MESHES = {"sft": (1, 2, 2), "dpo": (2, 2, 1)}
 SFT_STEPS, DPO_STEPS, INTERRUPT_AT = 3, 2, 2
@@ -84,7 +86,7 @@ def record(arrays: dict, prefix: str, result) -> None:
 def record_params(arrays: dict, prefix: str, params) -> None:
     for keys, leaf in jax.tree_util.tree_leaves_with_path(params):
         host = distributed.to_host(leaf)  # a collective: every process calls it
-        arrays[f"{prefix}/params/{sharding._path(keys)}"] = host
+        arrays[f"{prefix}/params/{sharding.param_path(keys)}"] = host
 
 
 def restore_state(directory: pathlib.Path, step: int, config, sharding_):
@@ -93,7 +95,7 @@ def restore_state(directory: pathlib.Path, step: int, config, sharding_):
 
     from kwjax import optimizer
 
-    params = jax.eval_shape(lambda: trainlib.load_model(config).params)
+    params = jax.eval_shape(lambda: stages.load_model(config).params)
     tx, _ = optimizer.make(config.optimizer, 1e-3, 10, params)
     shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), shapes)
@@ -132,7 +134,7 @@ def run_multi(out: pathlib.Path) -> None:
 
     started = time.time()
     config = make_config(out, "sft")
-    result = trainlib.train(config, "sft", out / "multi" / "sft", trainlib.load_model(config), progress=False,
+    result = trainlib.train(config, "sft", out / "multi" / "sft", stages.load_model(config), progress=False,
                             interrupt_at=INTERRUPT_AT if pid == 1 else None)
     report["timings"]["sft"] = round(time.time() - started, 1)
     report["sft"] = {"final_step": result.final_step, "interrupted": result.interrupted}
@@ -144,31 +146,31 @@ def run_multi(out: pathlib.Path) -> None:
     started = time.time()
     config = make_config(out, "dpo")
     config.export_hf = True
-    summary = trainlib.run(config, "dpo", out / "multi" / "dpo", progress=False)
+    summary = stages.run(config, "dpo", out / "multi" / "dpo", progress=False)
     report["timings"]["dpo"] = round(time.time() - started, 1)
     report["dpo"] = {"final_step": summary["dpo"]["final_step"], "interrupted": summary["dpo"]["interrupted"]}
 
     # The reference pass again: a cache hit on process 0 only. Count forward passes traced meanwhile.
     traced = []
-    original = trainlib._forward_logps
+    original = steplib.forward_logps
 
     def counting(*args, **kwargs):
         traced.append(1)
         return original(*args, **kwargs)
 
-    trainlib._forward_logps = counting
+    steplib.forward_logps = counting
     try:
-        fresh = trainlib.load_model(config)
+        fresh = stages.load_model(config)
         mesh = sharding.make_mesh(*MESHES["dpo"])
         params = distributed.put_global(fresh.params, sharding.param_shardings(fresh.params, mesh))
-        rows, _ = trainlib.load_rows(config, "dpo")
-        data = trainlib.encode(rows, fresh.tokenizer, config, "dpo")
+        rows, _ = datalib.split_rows(config, "dpo")
+        data = feed.encode(rows, fresh.tokenizer, config, "dpo")
         module = Gemma3(fresh.config, param_dtype=fresh.dtype)
         from kwjax.paths import cache_dir
 
-        again = trainlib.reference_logps(module, params, data, config, mesh, cache_dir() / "reference_logps", "again")
+        again = reflib.reference_logps(module, params, data, config, mesh, cache_dir() / "reference_logps", "again")
     finally:
-        trainlib._forward_logps = original
+        steplib.forward_logps = original
     report["reference_again_traced"] = len(traced)
     arrays["reference_again"] = again
     report["cache_files"] = sorted(p.name for p in (out / f"cache{pid}").rglob("*.npy"))
@@ -188,7 +190,7 @@ def run_single(out: pathlib.Path) -> None:
 
     started = time.time()
     config = make_config(out, "sft")
-    result = trainlib.train(config, "sft", out / "single" / "sft", trainlib.load_model(config), progress=False)
+    result = trainlib.train(config, "sft", out / "single" / "sft", stages.load_model(config), progress=False)
     report["timings"]["sft"] = round(time.time() - started, 1)
     assert result.final_step == SFT_STEPS and not result.interrupted
     record(arrays, "sft", result)
@@ -201,7 +203,7 @@ def run_single(out: pathlib.Path) -> None:
 
     started = time.time()
     config = make_config(out, "dpo")
-    result = trainlib.train(config, "dpo", out / "single" / "dpo", trainlib.load_model(config), progress=False)
+    result = trainlib.train(config, "dpo", out / "single" / "dpo", stages.load_model(config), progress=False)
     report["timings"]["dpo"] = round(time.time() - started, 1)
     record(arrays, "dpo", result)
     record_params(arrays, "dpo", result.params)
@@ -216,7 +218,7 @@ def run_single(out: pathlib.Path) -> None:
     shutil.copytree(out / "multi" / "sft", out / "resumed" / "sft")
     started = time.time()
     config = make_config(out, "sft")
-    result = trainlib.train(config, "sft", out / "resumed" / "sft", trainlib.load_model(config), progress=False,
+    result = trainlib.train(config, "sft", out / "resumed" / "sft", stages.load_model(config), progress=False,
                             resume=True)
     report["timings"]["resume"] = round(time.time() - started, 1)
     report["resumed"] = {"final_step": result.final_step, "steps": [h["step"] for h in result.metrics if "loss" in h]}

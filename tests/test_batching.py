@@ -11,7 +11,7 @@ import pytest
 
 from kwjax import batching
 from kwjax.batching import BatchError, Sequence_
-from kwjax.tokenizer import encode_chat
+from kwjax.models.gemma3.chat import encode_chat
 
 
 @pytest.fixture(scope="module")

@@ -544,3 +544,46 @@ def test_data_card_is_up_to_date():
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "data_card.py"), "--check"],
                          capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# =================================================================================================
+# Which rows a run trains and validates on (kwjax.data.split_rows / validation_rows)
+
+
+def _tiny_config():
+    import runpy
+
+    return runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
+
+
+def test_split_rows_default_is_the_shipped_split_cut_to_the_limits():
+    c = _tiny_config()  # train_limit 16, eval_limit 8, no files
+    train_ids = [e.id for e in load_examples(split="train")]
+    val_ids = [e.id for e in load_examples(split="validation")]
+    for kind, fields in (("sft", {"input", "output"}), ("dpo", {"prompt", "chosen", "rejected"})):
+        train, evals = kd.split_rows(c, kind)
+        assert [r["id"] for r in train] == train_ids[:16]
+        assert [r["id"] for r in evals] == val_ids[:8]
+        assert fields <= set(train[0]) and fields <= set(evals[0])
+
+
+def test_split_rows_reads_the_configured_files(tmp_path):
+    c = _tiny_config()
+    c.data.train_file = str(_write_jsonl(tmp_path / "train.jsonl", DPO_ROWS * 3))
+    c.data.eval_file = str(_write_jsonl(tmp_path / "val.jsonl", DPO_ROWS))
+    train, evals = kd.split_rows(c, "dpo")
+    assert [r["id"] for r in train] == ["train.jsonl#1", "train.jsonl#2", "train.jsonl#3"]
+    assert [r["id"] for r in evals] == ["val.jsonl#1"]
+    assert evals[0]["chosen"] == DPO_ROWS[0]["chosen"]
+    c.data.eval_file = ""
+    assert kd.split_rows(c, "dpo")[1] == []  # a user's train file never pairs with the shipped validation
+
+
+def test_validation_rows_file_else_shipped_validation(tmp_path):
+    c = _tiny_config()
+    shipped = dpo_view(load_examples(split="validation"))
+    assert kd.validation_rows(c) == shipped
+    assert kd.validation_rows(c, limit=3) == shipped[:3]
+    c.data.eval_file = str(_write_jsonl(tmp_path / "val.jsonl", DPO_ROWS * 2))
+    assert [r["id"] for r in kd.validation_rows(c, "dpo", 1)] == ["val.jsonl#1"]
+    assert kd.shipped_or_file_rows(None, "sft", "train") == sft_view(load_examples(split="train"))

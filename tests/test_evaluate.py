@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kwjax import batching, evaluate
-from kwjax.train import load_model
+from kwjax.stages import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

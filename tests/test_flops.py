@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from kwjax import flops, losses
-from kwjax.config import GLOBAL, SLIDING, ModelConfig
+from kwjax.models.gemma3.config import GLOBAL, SLIDING, ModelConfig
 
 
 def toy() -> ModelConfig:
@@ -53,7 +53,7 @@ def test_steps_by_hand():
 
 def test_270m_numbers():
     """The benchmark's workload on Gemma 3 270M, as quoted in docs/PERFORMANCE.md."""
-    from kwjax.config import PRESETS
+    from kwjax.models.gemma3.config import PRESETS
 
     cfg = PRESETS["gemma3-270m"]()
     assert flops.layer_matmul_params(cfg) * cfg.num_layers + cfg.vocab_size * cfg.hidden_size + \
@@ -80,7 +80,7 @@ def _xla_flops(fn, *args) -> float:
 
 
 def test_against_xla_cost_analysis():
-    from kwjax.model import Gemma3, init_params
+    from kwjax.models.gemma3.model import Gemma3, init_params
 
     cfg = ModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=32, layer_types=(SLIDING, GLOBAL), sliding_window=16,

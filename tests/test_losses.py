@@ -307,13 +307,13 @@ def test_unknown_loss_type():
 
 
 def test_dpo_step0_is_ln2_through_make_loss_fn():
-    from kwjax import train
+    from kwjax import objectives, step
 
     cfg = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
     assert cfg.dpo.loss_type == "sigmoid" and cfg.dpo.rpo_alpha == 0.0 and cfg.dpo.label_smoothing == 0.0
-    model_cfg = kwjax.config.tiny(vocab_size=300)
-    params = kwjax.model.init_params(model_cfg, jax.random.PRNGKey(0))
-    module = kwjax.model.Gemma3(model_cfg)
+    model_cfg = kwjax.models.gemma3.config.tiny(vocab_size=300)
+    params = kwjax.models.gemma3.model.init_params(model_cfg, jax.random.PRNGKey(0))
+    module = kwjax.models.gemma3.model.Gemma3(model_cfg)
     pairs = [
         (Sequence_(prompt=(2, 105, 20, 21, 22, 106, 107, 105, 30, 107), response=(40, 41, 42, 106)),
          Sequence_(prompt=(2, 105, 20, 21, 22, 106, 107, 105, 30, 107), response=(50, 106))),
@@ -321,9 +321,9 @@ def test_dpo_step0_is_ln2_through_make_loss_fn():
          Sequence_(prompt=(2, 105, 60, 106, 107, 105, 30, 107), response=(80, 81, 82, 83, 84, 85, 106))),
     ]
     batch = batching.collate_pairs(pairs, bucket=8, rows=3)  # one padded pair
-    totals = train._totals(batch, "dpo")
+    totals = objectives.totals(objectives.get("dpo", cfg), batch)
     assert float(totals["pairs"]) == 2.0
-    loss_fn = jax.jit(train.make_loss_fn(module, "dpo", cfg))
+    loss_fn = jax.jit(step.make_loss_fn(module, "dpo", cfg))
     loss, m = loss_fn(params, batch, params, totals)
     assert abs(float(loss) - LN2) <= 1e-6, float(loss)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -351,14 +351,14 @@ REAL_PAIRS = [
 
 @pytest.mark.real_weights
 def test_sequence_logps_match_transformers(real_model, hf_reference):
-    from kwjax import train
+    from kwjax import step
 
     tok = real_model.tokenizer
     seqs = [batching.encode_exchange(tok, p, r) for p, r in REAL_PAIRS]
     lengths = [len(s.response) for s in seqs]
     assert all(30 <= n <= 160 for n in lengths), lengths
     batch = batching.collate(seqs, bucket=16)
-    lp = train._forward_logps(real_model.module, real_model.params, batch, chunk=64)
+    lp = step.forward_logps(real_model.module, real_model.params, batch, chunk=64)
 
     logits = hf_logits(hf_reference, batch["tokens_BT"].astype(np.int64), batch["valid_BT"].astype(np.int64))
     ref_tok = np.zeros(batch["targets_BR"].shape)

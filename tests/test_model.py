@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import kwjax
-from kwjax import config as cfglib
-from kwjax.model import Gemma3, init_cache, positions_from_mask
+from kwjax.models.gemma3 import config as cfglib
+from kwjax.models.gemma3.model import Gemma3, init_cache, positions_from_mask
 from tests.conftest import hf_logits
 
 torch = pytest.importorskip("torch")
@@ -55,7 +55,7 @@ def test_tiny_parity_padded_and_longer_than_window(tmp_path, num_kv_heads):
 def test_sliding_window_changes_the_output():
     """Guards the parity test: with a window shorter than the text, masking must matter."""
     config = cfglib.tiny(sliding_window=4)
-    params = kwjax.model.init_params(config, jax.random.PRNGKey(0))
+    params = kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(0))
     tokens = jnp.arange(20)[None] % config.vocab_size
     pos = positions_from_mask(jnp.ones_like(tokens))
     narrow = Gemma3(config).apply({"params": params}, tokens, pos)
@@ -68,7 +68,7 @@ def test_sliding_window_changes_the_output():
 def test_kv_cache_decode_equals_full_forward(prompt_len):
     """Prefill + one-token steps through a ring-buffer sliding cache equal one full forward."""
     config = cfglib.tiny(sliding_window=6)
-    params = kwjax.model.init_params(config, jax.random.PRNGKey(3))
+    params = kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(3))
     model = Gemma3(config)
     total = 20
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, total), 0, config.vocab_size)
@@ -91,7 +91,7 @@ def test_kv_cache_decode_equals_full_forward(prompt_len):
 
 def test_export_round_trip_through_transformers(tmp_path):
     config = cfglib.tiny()
-    params = kwjax.model.init_params(config, jax.random.PRNGKey(7))
+    params = kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(7))
     params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(8), x.shape), params)
     model = kwjax.LoadedModel(config, params, None, "random")
     kwjax.export_hf(model, tmp_path / "hf")
@@ -112,7 +112,7 @@ def test_bf16_params_compute_in_bf16_with_float32_logits(tmp_path):
 
 def test_native_orbax_round_trip(tmp_path):
     config = cfglib.tiny()
-    params = kwjax.model.init_params(config, jax.random.PRNGKey(5))
+    params = kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(5))
     model = kwjax.LoadedModel(config, params, None, "random")
     kwjax.weights.save_native(model, tmp_path / "m")
     back = kwjax.load(tmp_path / "m", with_tokenizer=False)
@@ -139,7 +139,7 @@ def test_projection_paths_match_numpy(batch, length):
     rng = np.random.default_rng(batch * 10 + length)
     embedding_VD = rng.normal(size=(config.vocab_size, config.hidden_size)).astype(np.float32)
     hidden_BTD = rng.normal(size=(batch, length, config.hidden_size)).astype(np.float32)
-    got = kwjax.model.logits_from_hidden(config, jnp.asarray(embedding_VD), jnp.asarray(hidden_BTD))
+    got = kwjax.models.gemma3.model.logits_from_hidden(config, jnp.asarray(embedding_VD), jnp.asarray(hidden_BTD))
     want = np.einsum("btd,vd->btv", hidden_BTD.astype(np.float64), embedding_VD.astype(np.float64))
     want = np.tanh(want / 30.0) * 30.0
     chex.assert_shape(got, (batch, length, config.vocab_size))

@@ -30,7 +30,9 @@ import numpy as np
 import pytest
 
 import kwjax
-from kwjax import batching, config as cfglib, distributed, sharding, train as trainlib
+from kwjax import batching, distributed, feed, objectives, sharding, stages
+from kwjax.models.gemma3 import config as cfglib
+from kwjax import step as steplib
 from kwjax.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +145,7 @@ def _multi_metrics(runs, method: str) -> dict:
 
 def _exported_params(directory: Path, **kw) -> dict:
     model = kwjax.load(directory, dtype="float32", **kw)
-    return {sharding._path(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(model.params)}
+    return {sharding.param_path(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(model.params)}
 
 
 def _multi_params(runs, method: str) -> dict:
@@ -213,7 +215,7 @@ def _restore_state(directory: Path, step: int, config):
     """A train-state checkpoint restored the way train() restores, here onto this process's one device."""
     from kwjax import optimizer
 
-    params = jax.eval_shape(lambda: trainlib.load_model(config).params)
+    params = jax.eval_shape(lambda: stages.load_model(config).params)
     tx, _ = optimizer.make(config.optimizer, 1e-3, 10, params)
     shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -230,7 +232,7 @@ def test_checkpoint_written_by_two_processes_restores_in_one(runs):
     state, meta = _restore_state(runs["out"] / "multi" / "sft" / "checkpoints", 2, config)
     assert int(state["step"]) == 2 and meta["method"] == "sft" and meta["step"] == 2
     assert jax.tree.leaves(state["opt_state"])  # the Adam moments came back too
-    got = {sharding._path(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+    got = {sharding.param_path(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state["params"])}
     want = _params(runs["multi"], "sft")
     assert sorted(got) == sorted(want)
     for k in want:
@@ -353,7 +355,7 @@ def test_64_bit_values_that_would_lose_precision_are_refused():
         distributed._transportable(np.array([2**40]))
 
 
-def _tiny_data(kind: str, n: int) -> trainlib.Data:
+def _tiny_data(kind: str, n: int) -> feed.Data:
     rng = np.random.default_rng(0)
 
     def seq():
@@ -361,7 +363,7 @@ def _tiny_data(kind: str, n: int) -> trainlib.Data:
                                   tuple(int(x) for x in rng.integers(3, 90, rng.integers(1, 7))))
 
     items = [seq() for _ in range(n)] if kind == "sft" else [(seq(), seq()) for _ in range(n)]
-    return trainlib.Data(items, [str(i) for i in range(n)], batching.Report(rows=n), kind)
+    return feed.Data(items, [str(i) for i in range(n)], batching.Report(rows=n), kind)
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -373,7 +375,7 @@ def test_global_batch_is_the_collated_batch(kind):
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     ref = np.random.default_rng(1).normal(size=(7, 2))
     for idx in ([0, 3, 5, 6], [2, 4]):  # a full and a partial (padded) batch
-        got = trainlib.global_batch(data, idx, cfg, mesh, ref if kind == "dpo" else None)
+        got = feed.global_batch(data, idx, cfg, mesh, ref if kind == "dpo" else None)
         want = data.collate(idx, 4, 4)
         if kind == "dpo":
             want["ref_logps_B"] = np.zeros(8, np.float32)
@@ -395,18 +397,18 @@ def test_global_batch_is_the_collated_batch(kind):
 def test_bfloat16_compute_with_float32_weights():
     """compute_dtype: the forward and backward run in bfloat16, gradients reach the float32 parameters."""
     mcfg = cfglib.tiny(vocab_size=512, num_layers=2)
-    params = kwjax.model.init_params(mcfg, jax.random.PRNGKey(0))
-    module = kwjax.model.Gemma3(mcfg, param_dtype=jnp.float32)
+    params = kwjax.models.gemma3.model.init_params(mcfg, jax.random.PRNGKey(0))
+    module = kwjax.models.gemma3.model.Gemma3(mcfg, param_dtype=jnp.float32)
     cfg = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"]()
     rng = np.random.default_rng(0)
     seqs = [batching.Sequence_(tuple(rng.integers(3, 500, 10).tolist()), tuple(rng.integers(3, 500, 6).tolist()))
             for _ in range(4)]
     batch = {k: jnp.asarray(v) for k, v in batching.collate(seqs, 8).items()}
-    totals = trainlib._totals(batch, "sft")
+    totals = objectives.totals(objectives.get("sft", cfg), batch)
 
     def run(compute):
         cfg.compute_dtype = compute
-        loss_fn = trainlib.make_loss_fn(module, "sft", cfg)
+        loss_fn = steplib.make_loss_fn(module, "sft", cfg)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None, totals)
         jaxpr = str(jax.make_jaxpr(lambda p: loss_fn(p, batch, None, totals)[0])(params))
         return float(loss), grads, jaxpr
@@ -420,10 +422,10 @@ def test_bfloat16_compute_with_float32_weights():
                 (jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(grads16))) *
                  jnp.sqrt(sum(jnp.vdot(b, b) for b in jax.tree.leaves(grads32)))))
     assert cos > 0.99, cos
-    assert trainlib.compute_dtype(cfg, jnp.bfloat16) is None  # bfloat16 weights: already the compute dtype
+    assert steplib.compute_dtype(cfg, jnp.bfloat16) is None  # bfloat16 weights: already the compute dtype
     cfg.compute_dtype = "float16x"
     with pytest.raises(ValueError, match="unknown dtype 'float16x'"):
-        trainlib.compute_dtype(cfg, jnp.float32)
+        steplib.compute_dtype(cfg, jnp.float32)
 
 
 @pytest.mark.parametrize("name", ["tpu_v5e8", "tpu_v4_8", "tpu_multihost"])

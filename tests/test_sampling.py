@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 import kwjax
-from kwjax import config as cfglib
+from kwjax.models.gemma3 import config as cfglib
 from kwjax.sampling import Sampler, SamplingConfig, SamplingError, filter_logits
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     config = cfglib.tiny(vocab_size=64, sliding_window=6)
-    params = kwjax.model.init_params(config, jax.random.PRNGKey(0))
+    params = kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(0))
     # A smaller embedding keeps the tied output from simply repeating the input token, so the
     # distributions are broad enough for seeds and filters to matter.
     params = {**params, "embedding": params["embedding"] * 0.1}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kwjax.sampling import Sampler, SamplingConfig
-from kwjax.tokenizer import format_user_prompt
+from kwjax.models.gemma3.chat import format_user_prompt
 from tests.conftest import long_text
 
 pytestmark = pytest.mark.real_weights

@@ -24,7 +24,8 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import kwjax
-from kwjax import config as cfglib, sharding, train as trainlib
+from kwjax import sharding, train as trainlib
+from kwjax.models.gemma3 import config as cfglib
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_multidevice_worker.py")
@@ -253,12 +254,12 @@ def test_param_spec_rules(path, shape, mesh, expected):
 def test_every_matrix_of_the_model_has_a_rule():
     """No parameter silently falls through to the replicated catch-all (e.g. after a rename)."""
     config = cfglib.tiny(vocab_size=512, num_layers=3)
-    shapes = jax.eval_shape(lambda: kwjax.model.init_params(config, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(0)))
     mesh = _mesh(1, 2, 2)
     leaves = jax.tree_util.tree_leaves_with_path(shapes)
     assert len(leaves) == 1 + 1 + 3 * 13
     for keys, x in leaves:
-        path = sharding._path(keys)
+        path = sharding.param_path(keys)
         spec = _norm(sharding.param_spec(path, x.shape, mesh), x.ndim)
         if x.ndim >= 2:
             assert "fsdp" in spec and "tensor" in spec, (path, x.shape, spec)
@@ -267,7 +268,7 @@ def test_every_matrix_of_the_model_has_a_rule():
     # the shardings a real Mesh gets for them are the same specs
     real = sharding.make_mesh(devices=jax.devices()[:1])
     for (keys, x), s in zip(leaves, jax.tree.leaves(sharding.param_shardings(shapes, real))):
-        assert s.mesh is real and tuple(s.spec) == tuple(sharding.param_spec(sharding._path(keys), x.shape, real))
+        assert s.mesh is real and tuple(s.spec) == tuple(sharding.param_spec(sharding.param_path(keys), x.shape, real))
 
 
 def test_batch_sharding_and_divisor():

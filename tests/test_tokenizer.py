@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import kwjax.tokenizer as tk
-from kwjax.tokenizer import TokenizerError, encode_chat, format_user_prompt, load_tokenizer
+from kwjax.models.gemma3.chat import encode_chat, format_user_prompt
+from kwjax.tokenizer import TokenizerError, load_tokenizer
 
 TEXTS = [
     "나는 어제 친구와 함께 도서관에 갔다. 책을 읽고, 커피를 마셨으며, 저녁에는 집으로 돌아왔다.",

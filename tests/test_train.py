@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kwjax import config as config_lib
+from kwjax.models.gemma3 import config as config_lib
+from kwjax import stages
+from kwjax import step as steplib
 from kwjax import train as T
 from kwjax.batching import BatchError
 from kwjax.checkpoint import Checkpointer
@@ -47,7 +49,7 @@ def losses_of(result):
 
 
 def run(cfg, method, workdir, **kw):
-    return T.train(cfg, method, workdir, T.load_model(cfg), progress=False, **kw)
+    return T.train(cfg, method, workdir, stages.load_model(cfg), progress=False, **kw)
 
 
 def test_precomputed_and_on_the_fly_reference_agree(tmp_path):
@@ -95,7 +97,7 @@ def test_sft_loss_falls_and_dpo_raises_margins(tmp_path):
 
 
 def test_metrics_jsonl_and_exports(tmp_path):
-    summary = T.run(tiny_config(export_hf=True), "sft_dpo", tmp_path / "run", progress=False)
+    summary = stages.run(tiny_config(export_hf=True), "sft_dpo", tmp_path / "run", progress=False)
     assert set(summary) == {"sft", "dpo"}
     rows = [json.loads(x) for x in (tmp_path / "run" / "dpo" / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*rows)
@@ -157,7 +159,7 @@ def test_failed_save_keeps_the_last_good_checkpoint_and_resumes(tmp_path, monkey
 
 def test_unknown_method_and_bad_settings(tmp_path):
     with pytest.raises(T.TrainingError, match="unknown method 'ppo'"):
-        T.run(tiny_config(), "ppo", tmp_path)
+        stages.run(tiny_config(), "ppo", tmp_path)
     with pytest.raises(T.TrainingError, match="must divide by grad_accum 3"):
         run(tiny_config(grad_accum=3), "sft", tmp_path)
     with pytest.raises(T.TrainingError, match="dpo.loss_type is 'kto'"):
@@ -222,7 +224,7 @@ def test_remat_gives_the_same_losses(tmp_path):
 def step_temp_bytes(model_config, method: str, remat: bool, rows: int, seq_len: int, resp_len: int) -> int:
     """XLA's planned temporaries of the jitted, donating train step, compiled from shapes alone."""
     from kwjax import optimizer
-    from kwjax.model import Gemma3, param_shapes
+    from kwjax.models.gemma3.model import Gemma3, param_shapes
 
     cfg = tiny_config(remat=remat)
     params = param_shapes(model_config)
@@ -233,13 +235,13 @@ def step_temp_bytes(model_config, method: str, remat: bool, rows: int, seq_len: 
               "target_mask_BR": ((rows, resp_len), jnp.bool_), "example_mask_B": ((rows,), jnp.bool_),
               "ref_logps_B": ((rows,), jnp.float32)}
     batch = {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items() if method == "dpo" or k != "ref_logps_B"}
-    step = T.make_train_step(Gemma3(model_config, remat=remat), method, cfg, tx, lr, on_the_fly=False)
+    step = steplib.make_train_step(Gemma3(model_config, remat=remat), method, cfg, tx, lr, on_the_fly=False)
     compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, None).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
 def param_bytes(model_config) -> int:
-    from kwjax.model import param_shapes
+    from kwjax.models.gemma3.model import param_shapes
 
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(model_config)))
 

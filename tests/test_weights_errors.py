@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 import kwjax
-from kwjax import config as cfglib
+from kwjax.models.gemma3 import config as cfglib
 from kwjax.weights import WeightsError, hf
 
 
 @pytest.fixture()
 def tiny_dir(tmp_path):
     config = cfglib.tiny()
-    params = kwjax.model.init_params(config, jax.random.PRNGKey(0))
+    params = kwjax.models.gemma3.model.init_params(config, jax.random.PRNGKey(0))
     hf.write(tmp_path / "ckpt", config, params)
     return tmp_path / "ckpt"
 
@@ -136,7 +136,7 @@ def test_unknown_dtype(tiny_dir):
 
 def test_native_checkpoint_of_another_size(tmp_path):
     small = cfglib.tiny()
-    params = kwjax.model.init_params(small, jax.random.PRNGKey(0))
+    params = kwjax.models.gemma3.model.init_params(small, jax.random.PRNGKey(0))
     kwjax.weights.save_native(kwjax.LoadedModel(small, params, None, "x"), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["hidden_size"] = 128
@@ -147,7 +147,7 @@ def test_native_checkpoint_of_another_size(tmp_path):
 
 def test_incomplete_native_directory_is_not_mistaken(tmp_path):
     small = cfglib.tiny()
-    params = kwjax.model.init_params(small, jax.random.PRNGKey(0))
+    params = kwjax.models.gemma3.model.init_params(small, jax.random.PRNGKey(0))
     kwjax.weights.save_native(kwjax.LoadedModel(small, params, None, "x"), tmp_path / "m")
     shutil.rmtree(tmp_path / "m" / "params")
     with pytest.raises(WeightsError, match=r"m: no 'params' checkpoint folder"):

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kwjax.config import ConfigError, ModelConfig
-from kwjax.model import Gemma3, positions_from_mask
+from kwjax.models.gemma3.config import ConfigError, ModelConfig
+from kwjax.models.gemma3.model import Gemma3, positions_from_mask
 from kwjax.weights import gguf, hf, native
 from kwjax.weights.tree import WeightsError
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from kwjax.config import ConfigError, ModelConfig
-from kwjax.weights import layout
+from kwjax.models.gemma3.config import ConfigError, ModelConfig
+from kwjax.models.gemma3 import layout
 from kwjax.gguf_file import GGUFFile, GGUFFormatError
-from kwjax.weights.tree import WeightsError, rows_to_device, set_path, to_device
+from kwjax.weights.tree import Stored, WeightsError, fill_params
 
 
 def open_file(path: str | Path) -> GGUFFile:
@@ -47,22 +47,17 @@ def read(path: str | Path, dtype, shardings: Callable[[tuple[str, ...]], Any] | 
     if unexpected:
         raise WeightsError(f"{path}: tensors not in a Gemma 3 model of {config.num_layers} layers: "
                            f"{', '.join(unexpected[:5])}")
-    params: dict = {}
-    for entry in table:
+
+    def lookup(entry):
         name = layout.gguf_name(entry.hf_name)
         if name not in tensors:
-            raise WeightsError(f"{path}: tensor {name!r} is missing")
-        shape = tensors[name].shape
-        if shape != entry.hf_shape:
-            raise WeightsError(f"{path}: tensor {name!r} has shape {shape}, expected {entry.hf_shape} "
-                               "from the file's own metadata")
-        sharding = shardings(entry.path) if shardings else None
-        if entry.path == ("embedding",):
-            value = rows_to_device(shape, dtype, lambda rows, n=name: file.dequantize_rows(n, rows), sharding)
-        else:
-            array = file.dequantize_rows(name)
-            if entry.is_norm:
-                array = array - 1.0
-            value = to_device(entry.to_kwjax(array), dtype, sharding)
-        set_path(params, entry.path, value)
-    return config, params
+            return name, None
+
+        def rows(r: slice = slice(None)):
+            array = file.dequantize_rows(name, r)
+            return array - 1.0 if entry.is_norm else array
+
+        return name, Stored(tensors[name].shape, rows, path)
+
+    return config, fill_params(table, lookup, dtype, shardings, source=path, shape_error=(
+        "tensor {name!r} has shape {shape}, expected {expected} from the file's own metadata"))

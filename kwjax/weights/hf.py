@@ -8,9 +8,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kwjax.config import ModelConfig
-from kwjax.weights import layout, safetensors
-from kwjax.weights.tree import WeightsError, get_path, rows_to_device, set_path, to_device
+from kwjax.models.gemma3.config import ModelConfig
+from kwjax.weights import safetensors
+from kwjax.models.gemma3 import layout
+from kwjax.weights.tree import Stored, WeightsError, fill_params, get_path
 
 # Where the text decoder lives in the checkpoints transformers writes for Gemma 3:
 # Gemma3ForCausalLM, Gemma3ForConditionalGeneration (4.x), and the same in 5.x.
@@ -62,23 +63,16 @@ def read(directory: str | Path, dtype, shardings: Callable[[tuple[str, ...]], An
     if unexpected:
         raise WeightsError(f"{directory}: tensors not in a Gemma 3 model with this config.json "
                            f"({config.num_layers} layers): {', '.join(unexpected[:5])}")
-    params: dict = {}
-    for entry in table:
+
+    def lookup(entry):
         name = prefix + entry.hf_name
         if name not in by_name:
-            raise WeightsError(f"{directory}: tensor {name!r} is missing")
+            return name, None
         f = by_name[name]
-        if f.shape(name) != entry.hf_shape:
-            raise WeightsError(f"{f.path}: tensor {name!r} has shape {f.shape(name)} but config.json "
-                               f"implies {entry.hf_shape}")
-        sharding = shardings(entry.path) if shardings else None
-        view = f.get(name)
-        if entry.path == ("embedding",):
-            value = rows_to_device(view.shape, dtype, lambda rows, v=view: v[rows], sharding)
-        else:
-            value = to_device(entry.to_kwjax(view), dtype, sharding)
-        set_path(params, entry.path, value)
-    return config, params
+        return name, Stored(f.shape(name), lambda r=slice(None): f.get(name)[r], f.path)
+
+    return config, fill_params(table, lookup, dtype, shardings, source=directory,
+                               shape_error="tensor {name!r} has shape {shape} but config.json implies {expected}")
 
 
 def write(directory: str | Path, config: ModelConfig, params: dict, dtype=None) -> None:

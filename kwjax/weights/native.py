@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import jax
 
-from kwjax.config import ModelConfig
-from kwjax.model import param_shapes
+from kwjax.models.gemma3.config import ModelConfig
+from kwjax.models.gemma3.model import param_shapes
 from kwjax.weights.tree import WeightsError
 
 MARKER = "kwjax.json"

@@ -15,6 +15,8 @@ from typing import Callable, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from kwjax.files import atomic_path
+
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -88,7 +90,8 @@ class SafetensorsFile:
 def save(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]],
          fetch: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
     """Writes tensors one at a time: `fetch(name)` is called as each is written, so the caller never
-    needs every converted tensor in memory at once. Written to a temporary name, then renamed."""
+    needs every converted tensor in memory at once. Written to a temporary name, then renamed
+    (a failed fetch leaves no half file)."""
     specs = [(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in specs]
     header: dict = {"__metadata__": dict(metadata or {"format": "np"})}
     offset = 0
@@ -101,8 +104,7 @@ def save(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype in specs:
@@ -110,5 +112,4 @@ def save(path: str | Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]
             if array.shape != shape:
                 raise SafetensorsError(f"{path}: tensor {name!r} has shape {array.shape}, header says {shape}")
             f.write(array.tobytes())
-    tmp.replace(path)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,3 +55,34 @@ def rows_to_device(shape: tuple[int, ...], dtype, get_rows: Callable[[slice], np
         block = np.asarray(get_rows(slice(start, min(start + step, shape[0])))).astype(dtype, copy=False)
         buffer = _write_rows(buffer, block, start)
     return buffer
+
+
+class Stored(NamedTuple):
+    """One tensor as a checkpoint file holds it (torch's layout)."""
+
+    shape: tuple[int, ...]
+    rows: Callable[..., np.ndarray]  # rows(slice) -> those rows as numpy; rows() -> all of it
+    where: Any  # the file, for errors
+
+
+def fill_params(table, lookup: Callable[[Any], tuple[str, Stored | None]], dtype,
+                shardings: Callable[[tuple[str, ...]], Any] | None, *, source, shape_error: str) -> dict:
+    """The params tree from a checkpoint, one `layout.Entry` at a time, each placed on device before the
+    next is read. Only `lookup(entry)` (its name in the file, and the tensor or None when absent) is
+    format-specific; `source` names the checkpoint in "missing" errors, and `shape_error` words the
+    mismatch ({name}, {shape}, {expected}) since each format knows differently where the shape came from."""
+    params: dict = {}
+    for entry in table:
+        name, stored = lookup(entry)
+        if stored is None:
+            raise WeightsError(f"{source}: tensor {name!r} is missing")
+        if stored.shape != entry.hf_shape:
+            raise WeightsError(f"{stored.where}: " + shape_error.format(name=name, shape=stored.shape,
+                                                                         expected=entry.hf_shape))
+        sharding = shardings(entry.path) if shardings else None
+        if entry.path == ("embedding",):
+            value = rows_to_device(stored.shape, dtype, stored.rows, sharding)
+        else:
+            value = to_device(entry.to_kwjax(stored.rows()), dtype, sharding)
+        set_path(params, entry.path, value)
+    return params

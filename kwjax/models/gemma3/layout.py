@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from kwjax.config import ModelConfig
+from kwjax.models.gemma3.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kwjax.config import ModelConfig
+from kwjax.models.gemma3.config import ModelConfig
 
 Params = dict[str, Any]
 LayerCache = dict[str, jax.Array]  # k_BSKH, v_BSKH, pos_BS (position per slot, -1 when empty)

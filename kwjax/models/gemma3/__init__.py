@@ -1,0 +1,1 @@
+"""Gemma 3 (text): architecture config and presets, Flax module, tensor layout, chat format."""

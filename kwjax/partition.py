@@ -1,0 +1,108 @@
+"""Which parameters a run trains, and which it only reads.
+
+The train state, the optimizer, the gradients and the checkpoints hold the *trainable* tree; the
+*frozen* tree is an argument of every step, read and never copied or updated. Full fine-tuning is the
+case "nothing frozen" (`config.freeze = ""`); `config.freeze = "embedding"` keeps Gemma's tied
+262k × D embedding (most of the 270M model's parameters) fixed, which drops its gradient and its two
+AdamW moments from memory. Adapter methods (LoRA) plug in here: their trainable tree is the adapters,
+the frozen tree the whole base model.
+
+Both trees are nested dicts shaped like the model's params, holding disjoint leaves; `merge` puts them
+back together for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+
+from kwjax.sharding import param_path
+
+
+class PartitionError(ValueError):
+    """A `freeze` setting that names nothing, or that leaves nothing to train."""
+
+
+def merge(*trees: dict) -> dict:
+    """One nested dict from several; a later tree's leaf wins where two hold the same path."""
+    out: dict = {}
+    for tree in trees:
+        for key, value in (tree or {}).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def _select(tree: dict, keep, prefix: tuple = ()) -> dict:
+    """The sub-tree of the leaves whose path `keep` accepts (empty branches dropped)."""
+    out: dict = {}
+    for key, value in tree.items():
+        path = prefix + (key,)
+        if isinstance(value, dict):
+            sub = _select(value, keep, path)
+            if sub:
+                out[key] = sub
+        elif keep(path):
+            out[key] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """Frozen = every parameter whose "/"-joined path (e.g. `layer_3/attn/q`, `embedding`) matches one
+    of `frozen_patterns` (regular expressions, searched); the rest is trainable."""
+
+    frozen_patterns: tuple[str, ...] = ()
+
+    def is_frozen(self, path: tuple[str, ...]) -> bool:
+        name = "/".join(path)
+        return any(re.search(p, name) for p in self.frozen_patterns)
+
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen): the same leaves, not copies."""
+        if not self.frozen_patterns:
+            return params, {}
+        return (_select(params, lambda p: not self.is_frozen(p)), _select(params, self.is_frozen))
+
+    def combine(self, trainable: dict, frozen: dict) -> dict:
+        """The model's parameters from the two trees (here: put back together; an adapter method adds its
+        product to the frozen weights instead)."""
+        return merge(frozen, trainable)
+
+    def check(self, params) -> None:
+        """Every pattern names some parameter, and something is left to train."""
+        names = [param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
+        for pattern in self.frozen_patterns:
+            if not any(re.search(pattern, n) for n in names):
+                raise PartitionError(f"freeze: pattern {pattern!r} matches no parameter (names look like "
+                                     f"{', '.join(names[:3])})")
+        if all(self.is_frozen(tuple(n.split("/"))) for n in names):
+            raise PartitionError(f"freeze={','.join(self.frozen_patterns)!r} freezes every parameter; "
+                                 "nothing would be trained")
+
+    def describe(self) -> list[str]:
+        """What a checkpoint records, so a resume with another split is refused."""
+        return list(self.frozen_patterns)
+
+
+def from_config(config) -> Partition:
+    """`config.freeze`: comma-separated regular expressions over parameter paths ("" = train everything)."""
+    spec = str(config.get("freeze", "") or "")
+    patterns = tuple(p.strip() for p in spec.split(",") if p.strip())
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise PartitionError(f"freeze: {p!r} is not a regular expression ({e})") from None
+    return Partition(patterns)
+
+
+def same_leaves(a: Any, b: Any) -> bool:
+    """True when two trees hold the very same arrays (not merely equal values)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(x is y for x, y in zip(la, lb))

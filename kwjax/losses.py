@@ -196,20 +196,9 @@ def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, p
         total = total + rpo_alpha * jnp.sum(chosen_nll_sum_B * mask) / num_chosen_tokens_total
     chosen_rewards = beta * (policy_chosen_B - ref_chosen_B)
     rejected_rewards = beta * (policy_rejected_B - ref_rejected_B)
-
-    def mean(x):  # contribution to the step mean, so micro-batch metrics add up
-        return jnp.sum(x * mask) / num_pairs_total
-
-    metrics = {
-        "loss": total,
-        "dpo_loss": dpo_part,
-        "rewards/chosen": mean(chosen_rewards),
-        "rewards/rejected": mean(rejected_rewards),
-        "rewards/margins": mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "logps/chosen": mean(policy_chosen_B),
-        "logps/rejected": mean(policy_rejected_B),
-    }
+    mean = _pair_mean(mask, num_pairs_total)
+    metrics = {"loss": total, "dpo_loss": dpo_part,
+               **_reward_metrics(chosen_rewards, rejected_rewards, policy_chosen_B, policy_rejected_B, mean)}
     return total, metrics
 
 

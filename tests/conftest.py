@@ -32,6 +32,23 @@ def random_logps_inputs(rng: np.random.Generator, B: int, T: int, D: int, V: int
     return hidden, emb, idx, tgt, np.ones((B, R), bool)
 
 
+def tiny_config(**overrides):
+    """configs/tiny.py (a random 3-layer model, the real tokenizer) with dotted-key overrides, checkpoints
+    every 100 steps (i.e. at the end of these short runs)."""
+    import runpy
+    from pathlib import Path
+
+    cfg = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))["get_config"]()
+    cfg.checkpoint_every = 100
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
 def long_text() -> str:
     """A mixed Korean/English text well over 512 tokens, so sliding-window layers are exercised."""
     return "\n\n".join([KOREAN, ENGLISH] * 8)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from kwjax import losses, objectives
+from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -328,21 +329,6 @@ def test_accumulated_micro_batches_equal_the_full_batch(name):
 # ---- through training: reference-free objectives never run a reference pass --------------------------------
 
 
-def _tiny_config(**overrides):
-    import runpy
-    from pathlib import Path
-
-    cfg = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))["get_config"]()
-    cfg.checkpoint_every = 100
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
 def test_reference_free_losses_train_without_any_reference_pass(loss_type, tmp_path, monkeypatch):
     """SimPO and ORPO train through `kwjax.train` with neither a cached reference pass nor a reference
@@ -359,7 +345,7 @@ def test_reference_free_losses_train_without_any_reference_pass(loss_type, tmp_p
 
     monkeypatch.setattr(reference, "reference_logps", no_reference)
     for where in ("precomputed", "on_the_fly"):
-        cfg = _tiny_config(max_steps=2, **{"dpo.loss_type": loss_type, "dpo.beta": 2.0 if loss_type == "simpo"
+        cfg = tiny_config(max_steps=2, **{"dpo.loss_type": loss_type, "dpo.beta": 2.0 if loss_type == "simpo"
                                            else 0.1, "dpo.reference": where})
         run = prepare(cfg, "dpo", stages.load_model(cfg))
         assert run.ref is None and run.ref_logps == {} and not run.objective.needs_reference

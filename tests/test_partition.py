@@ -3,7 +3,6 @@ checkpoints holding the trainable tree only, and a frozen-embedding SFT step che
 
 from __future__ import annotations
 
-import runpy
 from pathlib import Path
 
 import chex
@@ -17,20 +16,9 @@ from kwjax import partition, stages
 from kwjax import train as T
 from kwjax.models.gemma3.model import positions_from_mask
 from kwjax.prepare import prepare
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(**overrides):
-    cfg = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
-    cfg.checkpoint_every = 100
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -23,20 +22,9 @@ from kwjax import step as steplib
 from kwjax import train as T
 from kwjax.batching import BatchError
 from kwjax.checkpoint import Checkpointer
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(**overrides):
-    cfg = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
-    cfg.checkpoint_every = 100
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(autouse=True)

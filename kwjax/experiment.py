@@ -71,6 +71,8 @@ def train_fingerprint(config, method: str) -> str:
     # Fields added later, at values that change nothing: dropped, so earlier workdirs stay valid.
     if not d.get("freeze"):
         d.pop("freeze", None)
+    if not d.get("lora", {}).get("rank"):
+        d.pop("lora", None)
     if "dpo" in d and d["dpo"].get("loss_type") != "simpo":
         d["dpo"].pop("simpo_gamma", None)
     return digest_json({"method": method, "config": d})

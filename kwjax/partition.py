@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kwjax.sharding import param_path
 
@@ -85,13 +86,36 @@ class Partition:
             raise PartitionError(f"freeze={','.join(self.frozen_patterns)!r} freezes every parameter; "
                                  "nothing would be trained")
 
-    def describe(self) -> list[str]:
+    def reference_tree(self, reference: dict, frozen: dict) -> dict:
+        """What an on-the-fly reference passes to the step, laid over `frozen`: a copy of its trainable
+        part (the policy's trainable buffers are donated to the step), and its frozen part only where
+        that differs from the policy's (never a copy of the frozen tree)."""
+        ref_t, ref_f = self.split(reference)
+        tree = jax.tree.map(jnp.copy, ref_t)
+        return tree if same_leaves(ref_f, frozen) else merge(ref_f, tree)
+
+    def describe(self) -> dict:
         """What a checkpoint records, so a resume with another split is refused."""
-        return list(self.frozen_patterns)
+        return {"freeze": list(self.frozen_patterns)}
 
 
-def from_config(config) -> Partition:
-    """`config.freeze`: comma-separated regular expressions over parameter paths ("" = train everything)."""
+def describe_text(record: dict) -> str:
+    """A checkpoint's split in words, for errors."""
+    if "lora" in record:
+        lo = record["lora"]
+        return f"LoRA (lora.rank={lo['rank']}, lora.alpha={lo['alpha']:g}, lora.targets={','.join(lo['targets'])!r})"
+    patterns = record.get("freeze", [])
+    return f"freeze={','.join(patterns)!r}" if patterns else "full fine-tuning (freeze='', lora.rank=0)"
+
+
+def from_config(config):
+    """The configured split: LoRA when `lora.rank` > 0 (`kwjax.lora`), else `config.freeze`:
+    comma-separated regular expressions over parameter paths ("" = train everything)."""
+    from kwjax import lora
+
+    adapters = lora.from_config(config)
+    if adapters is not None:
+        return adapters
     spec = str(config.get("freeze", "") or "")
     patterns = tuple(p.strip() for p in spec.split(",") if p.strip())
     for p in patterns:

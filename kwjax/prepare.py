@@ -172,7 +172,9 @@ def prepare(config, method: str, model: LoadedModel, *, ref_params=None, devices
     p_shard = sharding.param_shardings(model.params, mesh)
     params = distributed.put_global(model.params, p_shard)
     trainable, frozen = part.split(params)
-    frozen_shard = part.split(p_shard)[1]
+    if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(trainable)):  # new (host) arrays: adapters
+        trainable = distributed.put_global(trainable, sharding.param_shardings(trainable, mesh))
+    frozen_shard = jax.tree.map(lambda x: x.sharding, frozen)
     tx, lr_schedule = optimizer.make(config.optimizer, peak_lr, total_steps, trainable)
 
     on_the_fly = objective.needs_reference and config.dpo.reference == "on_the_fly"
@@ -180,11 +182,7 @@ def prepare(config, method: str, model: LoadedModel, *, ref_params=None, devices
     if objective.needs_reference:
         reference = params if ref_params is None else distributed.put_global(ref_params, p_shard)
         if on_the_fly:
-            ref_t, ref_f = part.split(reference)
-            # a copy of the trainable part only: the policy's trainable buffers are donated to the step
-            ref_tree = jax.tree.map(jnp.copy, ref_t)
-            if not partlib.same_leaves(ref_f, frozen):  # a reference that differs in the frozen part too
-                ref_tree = partlib.merge(ref_f, ref_tree)
+            ref_tree = part.reference_tree(reference, frozen)
             ref_shard = jax.tree.map(lambda x: x.sharding, ref_tree)
         else:
             from kwjax.paths import cache_dir

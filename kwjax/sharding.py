@@ -26,6 +26,8 @@ RULES: list[tuple[str, tuple]] = [
     (r"attn/o$", ("tensor", None, "fsdp")),  # [N, H, D]
     (r"mlp/(gate|up)$", ("fsdp", "tensor")),  # [D, F]
     (r"mlp/down$", ("tensor", "fsdp")),  # [F, D]
+    (r"/a$", ("fsdp", None)),  # LoRA A [in, r] (kwjax.lora): its input side split like the weight's
+    (r"/b$", (None, "tensor")),  # LoRA B [r, out]: its output side split like the weight's
     (r".*", ()),  # norms: replicated
 ]
 

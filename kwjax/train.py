@@ -28,6 +28,7 @@ import jax
 
 from kwjax import distributed, feed
 from kwjax.checkpoint import Checkpointer
+from kwjax.partition import describe_text
 from kwjax.prepare import Prepared, TrainingError, prepare
 from kwjax.tracking import MetricsWriter
 from kwjax.weights import LoadedModel
@@ -102,7 +103,7 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
     def meta(step: int) -> dict:
         return {"step": step, "epoch": step // steps_per_epoch, "seed": config.seed, "method": method,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                "frozen": run.partition.describe()}
+                "partition": run.partition.describe()}
 
     def evaluate(step: int) -> None:
         if run.eval_data is None:
@@ -179,11 +180,11 @@ def _restore(checkpointer: Checkpointer, step: int, run: Prepared, ckpt_dir) -> 
     meta = checkpointer.read_meta(step)
     if meta.get("method") != run.method:
         raise TrainingError(f"{ckpt_dir}: checkpoint is from a {meta.get('method')} run, not {run.method}")
-    frozen = meta.get("frozen", [])
-    if frozen != run.partition.describe():
-        raise TrainingError(f"{ckpt_dir}: checkpoint was trained with freeze={','.join(frozen)!r}, this run has "
-                            f"freeze={','.join(run.partition.describe())!r}; set the same freeze to resume, or "
-                            "choose a new --workdir")
+    saved = meta.get("partition", {"freeze": []})  # checkpoints from before the split was recorded
+    if saved != run.partition.describe():
+        raise TrainingError(f"{ckpt_dir}: checkpoint was trained with {describe_text(saved)}, this run has "
+                            f"{describe_text(run.partition.describe())}; set the same to resume, or choose a "
+                            "new --workdir (nothing was overwritten)")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
     state, meta = checkpointer.restore(step, abstract)
     return state, int(meta["step"])

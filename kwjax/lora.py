@@ -20,7 +20,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from kwjax.partition import PartitionError, same_leaves
+from kwjax.partition import PartitionError, merge, same_leaves
 
 # target name -> (parameter name under each layer, how many leading dims of the weight are its input)
 TARGETS = {"q": ("attn", "q", 1), "k": ("attn", "k", 1), "v": ("attn", "v", 1), "o": ("attn", "o", 2),
@@ -64,16 +64,14 @@ class LoRA:
         return adapters, params
 
     def combine(self, trainable: dict, frozen: dict) -> dict:
-        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in frozen.items()}
-        for layer, blocks in trainable.items():
-            out[layer] = {**out[layer]}
-            for block, names in blocks.items():
-                out[layer][block] = {**out[layer][block]}
-                for name, ab in names.items():
-                    w = out[layer][block][name]
-                    delta = (ab["a"] @ ab["b"]).reshape(w.shape) * jnp.asarray(self.scale, ab["a"].dtype)
-                    out[layer][block][name] = w + delta.astype(w.dtype)
-        return out
+        """The frozen tree with every target weight replaced by W + (α/r)·A B (`partition.merge`)."""
+        updated = {layer: {block: {name: self._updated(frozen[layer][block][name], ab) for name, ab in names.items()}
+                           for block, names in blocks.items()} for layer, blocks in trainable.items()}
+        return merge(frozen, updated)
+
+    def _updated(self, w, ab):
+        delta = (ab["a"] @ ab["b"]).reshape(w.shape) * jnp.asarray(self.scale, ab["a"].dtype)
+        return w + delta.astype(w.dtype)
 
     def reference_tree(self, reference: dict, frozen: dict) -> dict:
         """Adapters off: nothing laid over the frozen base when the reference is the starting model;

@@ -193,6 +193,35 @@ def summarize(generations: Sequence[Generation], likelihoods: Sequence[PairLikel
     return result
 
 
+# What a per-epoch evaluation logs (greedy means): does the model stop, echo, use the keywords, loop?
+EPOCH_METRICS = {"terminated": "gen_terminated", "prompt_echo": "gen_prompt_echo",
+                 "all_keywords/morpheme": "gen_all_keywords_morpheme", "seq_rep_4": "gen_seq_rep_4",
+                 "length_chars": "gen_length_chars", "distinct_2": "gen_distinct_2"}
+
+
+def epoch_hook(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, directory: str | Path):
+    """`on_epoch` for `kwjax.train.train`: the greedy outputs of the model being trained for `rows` after
+    every epoch, written to DIRECTORY/epochs/epoch_<e>.jsonl, their means logged with the epoch's step.
+
+    This is how one sees at which epoch SFT starts to loop or learns to stop, without a checkpoint per
+    epoch. `model` gives the architecture and tokenizer; the parameters are the hook's argument.
+    """
+    greedy_only = dataclasses.replace(settings, num_samples=0, batch_size=min(settings.batch_size, len(rows)))
+    directory = Path(directory)
+
+    def hook(epoch: int, step: int, params) -> dict:
+        current = LoadedModel(model.config, params, model.tokenizer, f"{directory} (epoch {epoch})")
+        gens = generate(current, rows, greedy_only, progress=False)
+        for g in gens:
+            g.run = f"epoch {epoch}"
+        write_samples(directory / "epochs" / f"epoch_{epoch}.jsonl", gens)
+        block = summarize(gens, seed=settings.seed)["greedy"]
+        return {name: float(block[key]["mean"] if isinstance(block[key], dict) else block[key])
+                for key, name in EPOCH_METRICS.items() if key in block}
+
+    return hook
+
+
 def evaluate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, output_dir: str | Path, *,
              progress: bool = True, run: str = "") -> dict:
     """Generations and every metric for one model: metrics.json, samples.jsonl and likelihoods.jsonl.
@@ -200,19 +229,26 @@ def evaluate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, o
     Files are written only when complete, so an interrupted evaluation leaves no metrics.json and a
     rerun (the experiment's reuse check) evaluates again.
     """
+    import time
+
     output_dir = Path(output_dir)
+    timings, t = {}, time.perf_counter()
     gens = generate(model, rows, settings, progress=progress)
     for g in gens:
         g.run = run
+    timings["generation"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     lik: list[PairLikelihood] = []
     if all("chosen" in r and "rejected" in r for r in rows):
         lik = pair_likelihoods(model, rows, settings)
         for p in lik:
             p.run = run
+    timings["likelihoods"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     write_samples(output_dir / "samples.jsonl", gens)
     if lik:
         write_jsonl(output_dir / "likelihoods.jsonl", lik)
     result: dict = {"model": model.source, "settings": dataclasses.asdict(settings), "prompts": len(rows),
                     **summarize(gens, lik, seed=settings.seed)}
+    timings["metrics_and_save"] = round(time.perf_counter() - t, 2)
+    result["timings"] = timings  # wall seconds (generation includes its compiles)
     atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False))
     return result

@@ -53,6 +53,7 @@ class Task:
     seconds: float | None = None
     peak_rss_mib: float | None = None  # the process's peak resident memory during the task
     reused: bool = False
+    timings: dict | None = None  # wall seconds by phase (load, prepare, compile, steps, evaluation, save, ...)
 
 
 def seed_config(config, seed: int):
@@ -73,6 +74,7 @@ def train_fingerprint(config, method: str) -> str:
         d.pop("freeze", None)
     if not d.get("lora", {}).get("rank"):
         d.pop("lora", None)
+    d.pop("logprob_keep_logits", None)  # a speed/memory trade, same log-probs either way
     if "dpo" in d and d["dpo"].get("loss_type") != "simpo":
         d["dpo"].pop("simpo_gamma", None)
     return digest_json({"method": method, "config": d})
@@ -97,6 +99,7 @@ def _check_done(task: Task, fingerprint: str) -> bool:
                               f"{task.path} to redo it")
     if found.get("finished"):
         task.reused, task.seconds, task.peak_rss_mib = True, found.get("seconds"), found.get("peak_rss_mib")
+        task.timings = found.get("timings")
     return bool(found.get("finished"))
 
 
@@ -158,7 +161,7 @@ def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
         raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
                                 "is saved and a rerun of the experiment resumes it")
     _mark(task, fp, finished=True, final_step=summary["final_step"], seconds=round(time.time() - t0, 1),
-          peak_rss_mib=memory.peak_mib())
+          peak_rss_mib=memory.peak_mib(), timings=summary.get("timings"))
 
 
 def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress: bool) -> None:
@@ -174,8 +177,10 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
         model = stages.load_model(config)
     else:
         model = kwjax.load(workdir_seed / "train" / task.model / "model", dtype=config.dtype)
-    evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
-    _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1), peak_rss_mib=memory.peak_mib())
+    loaded = round(time.time() - t0, 2)
+    result = evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
+    _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1), peak_rss_mib=memory.peak_mib(),
+          timings={"load": loaded, **result.get("timings", {})})
 
 
 def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,
@@ -201,6 +206,7 @@ def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str |
         if not task.reused:
             done = read_marker(task.path)
             task.seconds, task.peak_rss_mib = float(done["seconds"]), done.get("peak_rss_mib")
+            task.timings = done.get("timings")
         _write_record(record_path, config, tasks, started)
     record = _write_record(record_path, config, tasks, started)
     out = Path(report_dir) if report_dir else workdir / "report"
@@ -213,7 +219,7 @@ def _write_record(path: Path, config, tasks: list[Task], started: float) -> dict
         "config": json.loads(config.to_json_best_effort()),
         "machine": previous.get("machine") or machine(),
         "tasks": [{"kind": t.kind, "model": t.model, "seed": t.seed, "path": str(t.path), "seconds": t.seconds,
-                   "peak_rss_mib": t.peak_rss_mib, "reused": t.reused} for t in tasks],
+                   "peak_rss_mib": t.peak_rss_mib, "reused": t.reused, "timings": t.timings} for t in tasks],
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }
     atomic_write_text(path, json.dumps(record, indent=2, ensure_ascii=False))

@@ -35,6 +35,13 @@ class Data:
         """The batch's rows in collated order (DPO: chosen rows, then rejected rows); None pads."""
         return batching.batch_rows([self.items[i] for i in indices], self.kind, batch_size)
 
+    def tokens(self, indices) -> int:
+        """Real (unpadded) tokens the rows hold, prompts included; a pair counts both sequences."""
+        seqs = [self.items[i] for i in indices]
+        if self.kind == "dpo":
+            seqs = [s for pair in seqs for s in pair]
+        return sum(len(s.prompt) + len(s.response) for s in seqs)
+
     def weight(self, indices) -> float:
         """What one batch counts for in a mean over the split: response tokens (SFT) or pairs (DPO)."""
         if self.kind == "sft":

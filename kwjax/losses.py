@@ -34,13 +34,18 @@ VOCAB_CHUNK = 8192
 
 
 def response_logps(hidden_BTD, embedding_VD, target_idx_BR, targets_BR, target_mask_BR, *,
-                   chunk: int = 128, softcap: float | None = None, vocab_chunk: int = VOCAB_CHUNK) -> ResponseLogps:
+                   chunk: int = 128, softcap: float | None = None, vocab_chunk: int = VOCAB_CHUNK,
+                   keep_logits: bool = False) -> ResponseLogps:
     """Log-probs of response tokens, projecting only response positions onto the vocabulary, in tiles.
 
     The projection runs on tiles of (all rows × `chunk` response positions) × (at most `vocab_chunk`
     vocabulary entries) with an online log-sum-exp, so no pass ever holds more than one tile of float32
     logits instead of B × R × V; the backward pass recomputes each tile and writes each tile's rows of
     the embedding's gradient once (see `_tiled_logps`).
+
+    `keep_logits` keeps every tile's logits from the forward pass for the backward pass instead of
+    recomputing them: one vocabulary projection fewer per step (the largest matmul of a 270M model) for
+    B × R × V float32 of memory (8 × 192 × 262k: 1.6 GB), the trade a CPU with memory to spare wants.
     """
     hidden_BRD = jnp.take_along_axis(hidden_BTD, target_idx_BR[..., None], axis=1)
     b, r, d = hidden_BRD.shape
@@ -50,7 +55,8 @@ def response_logps(hidden_BTD, embedding_VD, target_idx_BR, targets_BR, target_m
     h = jnp.pad(hidden_BRD, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
     h = h.reshape(-1, b * chunk, d)
     t = jnp.pad(targets_BR, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1).reshape(-1, b * chunk)
-    logps, mean_logits = _tiled_logps(h, embedding_VD, t, vocab_tiles(embedding_VD.shape[0], vocab_chunk), softcap)
+    logps, mean_logits = _tiled_logps(h, embedding_VD, t, vocab_tiles(embedding_VD.shape[0], vocab_chunk), softcap,
+                                     keep_logits)
 
     def unchunk(x):  # [C, B·chunk] -> [B, R]
         return x.reshape(-1, b, chunk).swapaxes(0, 1).reshape(b, -1)[:, :r]
@@ -80,15 +86,15 @@ def _softcap(z, softcap):
     return jnp.tanh(z / softcap) * softcap if softcap else z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _tiled_logps(h_CND, embedding_VD, targets_CN, tiles: int, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled_logps(h_CND, embedding_VD, targets_CN, tiles: int, softcap, keep_logits: bool = False):
     """(log p(target), mean logit over the vocabulary) per position: [C, N] each.
 
     h_CND: C token chunks of N positions; the logits of one (token chunk, vocabulary tile) are the only
     large array alive at a time, in the forward and in the backward pass. Logits accumulate in float32
     whatever the parameter dtype.
     """
-    return _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap)[0]
+    return _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap, keep_logits)[0]
 
 
 def _tile(embedding_VD, tiles: int, j):
@@ -98,7 +104,7 @@ def _tile(embedding_VD, tiles: int, j):
     return e, jnp.arange(vocab // tiles) * tiles + j
 
 
-def _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap):
+def _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap, keep_logits=False):
     vocab = embedding_VD.shape[0]
 
     def token_chunk(xs):
@@ -108,24 +114,25 @@ def _tiled_logps_fwd(h_CND, embedding_VD, targets_CN, tiles, softcap):
         def fold(carry, j):  # one vocabulary tile into the running log-sum-exp
             m, s, picked, z_sum = carry
             e_vD, ids_v = _tile(embedding_VD, tiles, j)
-            z = _softcap(jnp.einsum("nd,vd->nv", h_ND, e_vD, preferred_element_type=jnp.float32), softcap)
+            raw = jnp.einsum("nd,vd->nv", h_ND, e_vD, preferred_element_type=jnp.float32)
+            z = _softcap(raw, softcap)
             new_m = jnp.maximum(m, jnp.max(z, axis=-1))
             s = s * jnp.exp(m - new_m) + jnp.sum(jnp.exp(z - new_m[:, None]), axis=-1)
             picked = picked + jnp.sum(jnp.where(ids_v[None, :] == t_N[:, None], z, 0.0), axis=-1)
-            return (new_m, s, picked, z_sum + jnp.sum(z, axis=-1)), None
+            return (new_m, s, picked, z_sum + jnp.sum(z, axis=-1)), (raw if keep_logits else None)
 
         zeros = jnp.zeros((n,), jnp.float32)
-        (m, s, picked, z_sum), _ = jax.lax.scan(fold, (jnp.full((n,), -jnp.inf, jnp.float32), zeros, zeros, zeros),
-                                                jnp.arange(tiles))
+        (m, s, picked, z_sum), raw_JNv = jax.lax.scan(
+            fold, (jnp.full((n,), -jnp.inf, jnp.float32), zeros, zeros, zeros), jnp.arange(tiles))
         lse = m + jnp.log(s)
-        return picked - lse, z_sum / vocab, lse
+        return picked - lse, z_sum / vocab, lse, raw_JNv
 
-    logps, mean_logits, lse = jax.lax.map(token_chunk, (h_CND, targets_CN))
-    return (logps, mean_logits), (h_CND, embedding_VD, targets_CN, lse)
+    logps, mean_logits, lse, raw_CJNv = jax.lax.map(token_chunk, (h_CND, targets_CN))
+    return (logps, mean_logits), (h_CND, embedding_VD, targets_CN, lse, raw_CJNv)
 
 
-def _tiled_logps_bwd(tiles, softcap, residuals, cotangents):
-    h_CND, embedding_VD, targets_CN, lse_CN = residuals
+def _tiled_logps_bwd(tiles, softcap, keep_logits, residuals, cotangents):
+    h_CND, embedding_VD, targets_CN, lse_CN, raw_CJNv = residuals
     g_logps_CN, g_mean_CN = cotangents
     vocab, d = embedding_VD.shape
     mm_dtype = embedding_VD.dtype  # the tile's gradient meets the weights in their dtype, accumulating in float32
@@ -136,8 +143,8 @@ def _tiled_logps_bwd(tiles, softcap, residuals, cotangents):
         e_vD, ids_v = _tile(embedding_VD, tiles, j)
 
         def token_chunk(de_vD, xs):
-            h_ND, t_N, lse_N, g_N, gm_N = xs
-            raw = jnp.einsum("nd,vd->nv", h_ND, e_vD, preferred_element_type=jnp.float32)
+            h_ND, t_N, lse_N, g_N, gm_N, kept_Nv = xs
+            raw = kept_Nv if keep_logits else jnp.einsum("nd,vd->nv", h_ND, e_vD, preferred_element_type=jnp.float32)
             z = _softcap(raw, softcap)
             p = jnp.exp(z - lse_N[:, None])
             is_target = (ids_v[None, :] == t_N[:, None]).astype(jnp.float32)
@@ -148,8 +155,9 @@ def _tiled_logps_bwd(tiles, softcap, residuals, cotangents):
             dh = jnp.einsum("nv,vd->nd", dz, e_vD, preferred_element_type=jnp.float32)
             return de_vD + jnp.einsum("nv,nd->vd", dz, h_ND, preferred_element_type=jnp.float32), dh
 
+        kept_CNv = raw_CJNv[:, j] if keep_logits else None
         de_vD, dh = jax.lax.scan(token_chunk, jnp.zeros(e_vD.shape, jnp.float32),
-                                 (h_CND, targets_CN, lse_CN, g_logps_CN, g_mean_CN))
+                                 (h_CND, targets_CN, lse_CN, g_logps_CN, g_mean_CN, kept_CNv))
         de_VtD = jax.lax.dynamic_update_index_in_dim(de_VtD, de_vD.astype(embedding_VD.dtype), j, axis=1)
         return (dh_CND + dh, de_VtD), None
 

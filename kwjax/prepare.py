@@ -87,12 +87,15 @@ class Prepared:
         data = self.train_data if split == "train" else self.eval_data
         return feed.global_batch(data, idx, self.config, self.mesh, self.ref_logps.get(split))
 
-    def train_batch(self, step: int) -> dict[str, jax.Array]:
-        """Step `step`'s batch: epoch order seeded by (seed, epoch), so a resume sees the same batches."""
+    def train_indices(self, step: int) -> np.ndarray:
+        """Step `step`'s rows: epoch order seeded by (seed, epoch), so a resume sees the same batches."""
         epoch, pos = divmod(step, self.steps_per_epoch)
         order = feed.epoch_order(self.config.seed, epoch, len(self.train_data.items))
         bsz = self.config.batch_size
-        return self.batch("train", order[pos * bsz:(pos + 1) * bsz])
+        return order[pos * bsz:(pos + 1) * bsz]
+
+    def train_batch(self, step: int) -> dict[str, jax.Array]:
+        return self.batch("train", self.train_indices(step))
 
 
 def _encode_splits(config, kind: str, model: LoadedModel) -> tuple[feed.Data, feed.Data | None]:

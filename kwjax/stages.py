@@ -134,19 +134,44 @@ def run_chain(config, stages: list[Stage], *, resume: bool = False, progress: bo
             ref_params = model.params
             summary[stage.method] = {"workdir": str(stage.directory), "reused": True}
             continue
+        started = time.time()
         if model is None:
             model = load_model(config)
-        started = time.time()
+        loaded = time.time() - started
         result = train(config, stage.method, stage.directory, model, ref_params=ref_params, resume=resume,
-                       progress=progress, checkpoint_dir=stage.checkpoint_dir)
+                       progress=progress, checkpoint_dir=stage.checkpoint_dir,
+                       on_epoch=epoch_hook(config, stage, model))
+        timings = {"load": round(loaded, 2), **result.timings}
         summary[stage.method] = {"workdir": str(stage.directory), "final_step": result.final_step,
                                  "seconds": round(time.time() - started, 1), "interrupted": result.interrupted,
-                                 "last": result.metrics[-1] if result.metrics else {}}
+                                 "last": result.metrics[-1] if result.metrics else {}, "timings": timings}
         if result.interrupted:
             return summary
+        exporting = time.time()
         model = finish(result, model, config)
+        timings["export"] = round(time.time() - exporting, 2)
         ref_params = result.params  # the next stage starts from this model and is referenced against it
     return summary
+
+
+def epoch_hook(config, stage: Stage, model: LoadedModel):
+    """The stage's per-epoch generation check (`evaluate.epoch_hook`) when `config.eval.every_epoch` asks
+    for one: greedy outputs for that many validation prompts after every epoch. Single-process only."""
+    n = config.eval.get("every_epoch", 0)
+    if not n:
+        return None
+    if distributed.is_multiprocess():
+        import logging
+
+        logging.getLogger(__name__).warning("eval.every_epoch is ignored in a multi-process run")
+        return None
+    from kwjax import data as datalib
+    from kwjax import evaluate as evallib
+
+    e = config.eval
+    settings = evallib.EvalSettings(max_new_tokens=e.max_new_tokens, num_samples=0, seed=config.seed,
+                                    batch_size=e.batch_size, max_length=config.data.max_length)
+    return evallib.epoch_hook(model, datalib.validation_rows(config, "dpo", n), settings, stage.directory)
 
 
 def run(config, method: str, workdir: str | Path, *, resume: bool = False, progress: bool = True,

@@ -9,6 +9,7 @@ taken with respect to the trainable tree only.
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import Any, Callable
 
 import jax
@@ -20,12 +21,14 @@ from kwjax.partition import Partition, merge
 from kwjax.models.gemma3.model import Gemma3, positions_from_mask
 
 
-def forward_logps(module: Gemma3, params, batch, chunk: int) -> losses.ResponseLogps:
-    """Response-token log-probs of a batch (`kwjax.batching` layout); no B × T × V logits are formed."""
+def forward_logps(module: Gemma3, params, batch, chunk: int, keep_logits: bool = False) -> losses.ResponseLogps:
+    """Response-token log-probs of a batch (`kwjax.batching` layout); no B × T × V logits are formed
+    unless `keep_logits` (the backward pass then reuses the forward's, see `losses.response_logps`)."""
     hidden = module.apply({"params": params}, batch["tokens_BT"], positions_from_mask(batch["valid_BT"]),
                           return_hidden=True)
     return losses.response_logps(hidden, params["embedding"], batch["target_idx_BR"], batch["targets_BR"],
-                                 batch["target_mask_BR"], chunk=chunk, softcap=module.config.final_logit_softcap)
+                                 batch["target_mask_BR"], chunk=chunk, softcap=module.config.final_logit_softcap,
+                                 keep_logits=keep_logits)
 
 
 def compute_dtype(config, param_dtype):
@@ -57,11 +60,12 @@ def make_loss_fn(module: Gemma3, method: str, config, partition: Partition | Non
     """
     objective = objectives.get(method, config)
     chunk = config.logprob_chunk
+    keep = bool(config.get("logprob_keep_logits", False))
     cdtype = compute_dtype(config, module.param_dtype)
     partition = partition or Partition()
 
     def loss_fn(trainable, micro, ref, totals, frozen=None):
-        lp = forward_logps(module, cast(partition.combine(trainable, frozen or {}), cdtype), micro, chunk)
+        lp = forward_logps(module, cast(partition.combine(trainable, frozen or {}), cdtype), micro, chunk, keep)
         ref_logps_B = None
         if objective.needs_reference:
             if ref is not None:  # same module, the frozen reference tree, no gradient
@@ -153,10 +157,13 @@ class CompiledSteps:
     def __init__(self, jitted: Callable):
         self.jitted = jitted
         self.compiled: dict[tuple, Any] = {}
+        self.compile_seconds = 0.0  # spent compiling, over all shapes (the loop's timings subtract it)
 
     def __call__(self, state, batch: dict, *rest):
         key = tuple((name, batch[name].shape) for name in sorted(batch))
         if key not in self.compiled:
+            started = time.perf_counter()
             self.compiled[key] = self.jitted.lower(state, batch, *rest).compile()
             release_freed_memory()
+            self.compile_seconds += time.perf_counter() - started
         return self.compiled[key](state, batch, *rest)

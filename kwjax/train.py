@@ -17,12 +17,14 @@ processes; metrics, progress and reports come from process 0 (tests/test_multipr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import signal
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -34,6 +36,7 @@ from kwjax.tracking import MetricsWriter
 from kwjax.weights import LoadedModel
 
 log = logging.getLogger(__name__)
+EpochHook = Callable[[int, int, Any], "dict | None"]  # (epoch, step, whole-model params) -> metrics
 
 
 @dataclasses.dataclass
@@ -43,6 +46,9 @@ class Result:
     params: Any
     metrics: list[dict]
     interrupted: bool = False
+    # Wall seconds by phase: prepare (data, reference pass, state), compile, steps, evaluation (the
+    # eval split and the on_epoch hook), save (checkpoints); so a speed-up is aimed where the time goes.
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 class _StopFlag:
@@ -70,7 +76,7 @@ class _StopFlag:
 
 def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_params=None,
           resume: bool = False, progress: bool = True, devices=None, interrupt_at: int | None = None,
-          checkpoint_dir: str | Path | None = None) -> Result:
+          checkpoint_dir: str | Path | None = None, on_epoch: EpochHook | None = None) -> Result:
     """Trains `model` with SFT or DPO. The reference (DPO) is `ref_params`, else the starting weights.
 
     `model.params` is donated to the first train step (no second copy of the model is kept): use
@@ -79,13 +85,18 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
 
     Multi-process (after `kwjax.distributed.initialize()`), every process calls this with the same
     arguments; `model` is each process's own copy of the same weights (checked).
+
+    `on_epoch(epoch, step, params)` runs after each epoch's evaluation with the whole model's current
+    parameters (e.g. generation metrics per epoch); the metrics it returns are logged with the step's.
     """
     workdir = Path(workdir)
     ckpt_dir = checkpoint_dir if checkpoint_dir is not None else workdir / "checkpoints"
     if "://" not in str(ckpt_dir):
         ckpt_dir = Path(ckpt_dir)
     distributed.check_shared_dir(ckpt_dir, "the checkpoint directory")  # before any work (multi-process)
-    run = prepare(config, method, model, ref_params=ref_params, devices=devices, report_dir=workdir)
+    clock = _Clock()
+    with clock("prepare"):
+        run = prepare(config, method, model, ref_params=ref_params, devices=devices, report_dir=workdir)
     checkpointer = Checkpointer(ckpt_dir, keep=config.keep_checkpoints)
     start_step = 0
     latest = checkpointer.latest_step()
@@ -94,7 +105,8 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
             checkpointer.close()
             raise TrainingError(f"{ckpt_dir} already holds checkpoints (latest step {latest}); pass --resume to "
                                 "continue that run, or choose a new --workdir")
-        run.state, start_step = _restore(checkpointer, latest, run, ckpt_dir)
+        with clock("prepare"):
+            run.state, start_step = _restore(checkpointer, latest, run, ckpt_dir)
         log.info("resumed from step %d", start_step)
     writer = MetricsWriter(workdir, enabled=distributed.is_main())
     history: list[dict] = []
@@ -106,11 +118,12 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
                 "partition": run.partition.describe()}
 
     def evaluate(step: int) -> None:
-        if run.eval_data is None:
-            return
-        out = evaluate_split(run)
-        writer.write(step, out, epoch=step / steps_per_epoch)
-        history.append({"step": step, **out})
+        out = evaluate_split(run) if run.eval_data is not None else {}
+        if on_epoch is not None:
+            out.update(on_epoch(math.ceil(step / steps_per_epoch), step, run.params()) or {})
+        if out:
+            writer.write(step, out, epoch=step / steps_per_epoch)
+            history.append({"step": step, **out})
 
     from tqdm import tqdm
 
@@ -122,8 +135,15 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
     try:
         with _StopFlag() as stop:
             while step < total_steps:
+                started, compiling = time.perf_counter(), run.step_fn.compile_seconds
+                tokens = run.train_data.tokens(run.train_indices(step))
                 run.state, metrics = run.step_fn(run.state, run.train_batch(step), run.ref, run.frozen)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                compiled = run.step_fn.compile_seconds - compiling
+                seconds = time.perf_counter() - started - compiled
+                clock.add("compile", compiled)
+                clock.add("steps", seconds)
+                metrics.update(step_seconds=seconds, tokens_per_second=tokens / seconds)
                 bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(metrics[k])]
                 if bad:  # the updated parameters may be poisoned too: never checkpoint this state
                     kept = _what_is_kept(last_saved, f" in {ckpt_dir}")
@@ -141,9 +161,11 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
                 # A signal may reach one host only (Ctrl-C, a preempted worker): all processes stop together.
                 stopping = distributed.any_process(stop.signal is not None)
                 if step % steps_per_epoch == 0 or step == total_steps:
-                    evaluate(step)
+                    with clock("evaluation"):
+                        evaluate(step)
                 if step % config.checkpoint_every == 0 or step == total_steps or stopping:
-                    _save_checkpoint(checkpointer, step, run.state, meta(step), last_saved)
+                    with clock("save"):
+                        _save_checkpoint(checkpointer, step, run.state, meta(step), last_saved)
                     last_saved = step
                 if stopping:
                     interrupted = True
@@ -154,8 +176,30 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
     finally:
         bar.close()
         writer.close()
-        checkpointer.close()
-    return Result(workdir, step, run.params(), history, interrupted)
+        with clock("save"):  # waits for an asynchronous save to land
+            checkpointer.close()
+    return Result(workdir, step, run.params(), history, interrupted, clock.rounded())
+
+
+class _Clock:
+    """Wall seconds per named phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
+
+    def rounded(self) -> dict:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
 def evaluate_split(run: Prepared) -> dict:

@@ -158,8 +158,17 @@ CELLS = [
 DEFAULT_REFERENCE = {"kwjax": "precomputed", "trl": "on_the_fly"}  # what each does when not told
 
 
-def cell_name(framework: str, method: str, reference: str | None) -> str:
-    return f"{framework}/{method}" + (f"/{reference}" if reference else "")
+def cell_name(framework: str, method: str, reference: str | None, variant: str = "") -> str:
+    return f"{framework}/{method}" + (f"/{reference}" if reference else "") + (f"[{variant}]" if variant else "")
+
+
+def parse_variants(text: str) -> dict[str, list[str]]:
+    """--variants "NAME:KEY=VALUE,KEY=VALUE;NAME2:..." -> {NAME: ["KEY=VALUE", ...]} (an empty list: as is)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, sets = part.partition(":")
+        out[name.strip()] = [x.strip() for x in sets.split(",") if x.strip()]
+    return out
 
 
 def _fit(head: list[int], streams: list[list[int]], tail: list[int], length: int) -> list[int]:
@@ -531,7 +540,7 @@ def hf_export_dir(dtype: str = "float32") -> Path:
     return directory
 
 
-def _run_cell(framework, method, reference, args, workload_path, hf_dir) -> dict:
+def _run_cell(framework, method, reference, args, workload_path, hf_dir, variant: str = "") -> dict:
     """One cell in a fresh process. "baseline" is kwjax from the checkout `--baseline` names (its own
     scripts/bench.py and package, first on PYTHONPATH): before and after a change, side by side."""
     import os
@@ -547,7 +556,7 @@ def _run_cell(framework, method, reference, args, workload_path, hf_dir) -> dict
     if args.trl_gradient_checkpointing:
         cmd.append("--trl_gradient_checkpointing")
     if framework == "kwjax":
-        cmd += [f"--set={item}" for item in args.set]
+        cmd += [f"--set={item}" for item in args.set + parse_variants(args.variants).get(variant, [])]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
@@ -675,6 +684,9 @@ def bench_train(args) -> dict:
     cells = [c for c in CELLS if c[0] in frameworks and c[1] in methods and not (c[0] == "trl" and peer_missing)]
     if args.baseline:  # each kwjax cell, then the same cell of the baseline checkout
         cells = [x for c in cells for x in ([c, ("baseline", *c[1:])] if c[0] == "kwjax" else [c])]
+    variants = parse_variants(args.variants)
+    if variants:  # each kwjax cell once per variant, in turn within every round
+        cells = [x for c in cells for x in ([(*c, v) for v in variants] if c[0] == "kwjax" else [c])]
     total = args.warmup + args.steps
 
     from kwjax.paths import embedded_gguf_path
@@ -693,7 +705,7 @@ def bench_train(args) -> dict:
         for c in cells:  # kwjax, TRL, kwjax, TRL, ... each in a fresh process
             name = cell_name(*c)
             print(f"[round {r + 1}/{args.rounds}] {name} ...", file=sys.stderr, flush=True)
-            res = _run_cell(*c, args, workload_path, hf_dir)
+            res = _run_cell(*c[:3], args, workload_path, hf_dir, *c[3:])
             runs[name].append(res)
             if "error" in res:
                 print(f"  failed: {res['error']}\n{res['stderr_tail']}", file=sys.stderr, flush=True)
@@ -708,6 +720,14 @@ def bench_train(args) -> dict:
     model_config = PRESETS["gemma3-270m"]()
     results = {name: _summarize(rs, c[1], c[0], c[2], model_config, matmul_gflops)
                for (name, rs), c in zip(runs.items(), cells)}
+    over_first_variant = {}
+    for c in cells:
+        if len(c) == 4 and c[3] != next(iter(variants)):
+            ra, rb = results.get(cell_name(*c)), results.get(cell_name(*c[:3], next(iter(variants))))
+            if ra and rb and "error" not in ra and "error" not in rb:
+                over_first_variant[cell_name(*c)] = {
+                    "step_time": _ratio(ra["step_s_median"], rb["step_s_median"]),
+                    "peak_train_memory": _ratio(ra["peak_train_MiB"], rb["peak_train_MiB"])}
     ratios = {}
     for label, a, b, time_target, memory_target in RATIOS:
         ra, rb = results.get(cell_name(*a)), results.get(cell_name(*b))
@@ -725,6 +745,7 @@ def bench_train(args) -> dict:
             over_baseline[cell_name(*c)] = {"step_time": _ratio(ra["step_s_median"], rb["step_s_median"]),
                                             "peak_train_memory": _ratio(ra["peak_train_MiB"], rb["peak_train_MiB"])}
     return {"baseline": str(args.baseline) if args.baseline else None, "ratios_over_baseline": over_baseline,
+            "variants": variants, "ratios_over_first_variant": over_first_variant,
             "workload": {"model": "Gemma 3 270M (embedded GGUF, dequantized), float32, CPU",
                          "batch": f"{BATCH} (SFT sequences / DPO pairs)", "prompt_tokens": PROMPT_LEN,
                          "response_tokens": RESPONSE_LEN, "optimizer": "AdamW, constant lr, clip 1.0, wd 0",
@@ -758,6 +779,13 @@ def train_table(result: dict) -> str:
                   "| --- | --- | --- |"]
         lines += [f"| {k} | {v['step_time']} | {v['peak_train_memory']} |"
                   for k, v in result["ratios_over_baseline"].items()]
+    if result.get("ratios_over_first_variant"):
+        first = next(iter(result["variants"]))
+        lines += ["", f"| cell | step time ÷ [{first}] | peak train memory ÷ [{first}] |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {v['step_time']} | {v['peak_train_memory']} |"
+                  for k, v in result["ratios_over_first_variant"].items()]
+        lines += ["", "Variants (config overrides): " + "; ".join(
+            f"{k}: {', '.join(v) or 'as configured'}" for k, v in result["variants"].items())]
     if result.get("ratios_kwjax_over_trl"):
         lines += ["", "| comparison | step time kwjax ÷ TRL | target | peak train memory kwjax ÷ TRL | target | "
                   "peak incl. load |", "| --- | --- | --- | --- | --- | --- |"]
@@ -1038,6 +1066,8 @@ def main() -> None:
     p.add_argument("--baseline", default="", help="train: a checkout of an earlier kwjax; its kwjax cells run "
                    "beside this tree's, alternating (e.g. `git worktree add /tmp/base HEAD~1`)")
     p.add_argument("--no_matmul", action="store_true", help="train: skip the matmul-rate measurement")
+    p.add_argument("--variants", default="", help='train: kwjax cells once per "NAME:KEY=VALUE,...;NAME2:..." '
+                   "(config overrides, on top of --set), alternating within each round; ratios over the first")
     p.add_argument("--matmul_n", type=int, default=2048)
     # profile
     p.add_argument("--method", default="dpo", choices=["sft", "dpo"])

@@ -50,11 +50,13 @@ def objective(out_tok, out_mean):
 @pytest.mark.parametrize("vocab_chunk", [1, 7, 16, 25, 50, 64])  # 50 tiles of 1 … one tile of 50
 @pytest.mark.parametrize("chunk", [1, 4, 64])
 @pytest.mark.parametrize("softcap", [None, 2.5])
-def test_tiles_match_plain(case, vocab_chunk, chunk, softcap):
+@pytest.mark.parametrize("keep_logits", [False, True])  # backward recomputes each tile, or reuses the forward's
+def test_tiles_match_plain(case, vocab_chunk, chunk, softcap, keep_logits):
     hidden, emb, idx, tgt, mask = case
 
     def tiled(h, e):
-        out = losses.response_logps(h, e, idx, tgt, mask, chunk=chunk, softcap=softcap, vocab_chunk=vocab_chunk)
+        out = losses.response_logps(h, e, idx, tgt, mask, chunk=chunk, softcap=softcap, vocab_chunk=vocab_chunk,
+                                    keep_logits=keep_logits)
         return out.token_logps_BR, out.mean_logit_B
 
     got, want = tiled(hidden, emb), plain(hidden, emb, idx, tgt, mask, softcap)

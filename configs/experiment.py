@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     # projection fewer per step for B × R × V float32 of memory (8 × 192 × 262k: 1.6 GB); CPUs with RAM to spare.
     c.logprob_keep_logits = False
 
-    c.checkpoint_every = 50  # optimizer steps between checkpoints (and one at the end)
+    c.checkpoint_every = 50  # optimizer steps between checkpoints (and one at the end); 0: the end only
     c.keep_checkpoints = 3
     c.export_hf = True  # also write the final model as a Hugging Face directory
     c.log_every = 1

@@ -40,6 +40,9 @@ def validate_config(config, method: str) -> objectives.Objective:
         raise TrainingError(f"batch_size and epochs must be positive (got {config.batch_size}, {config.epochs})")
     if config.grad_accum <= 0 or config.batch_size % config.grad_accum:
         raise TrainingError(f"batch_size {config.batch_size} must divide by grad_accum {config.grad_accum}")
+    if config.checkpoint_every < 0:
+        raise TrainingError(f"checkpoint_every is {config.checkpoint_every}; expected a step count, or 0 for the "
+                            "final checkpoint only")
     try:
         objective = objectives.get(method, config)
     except ValueError as e:

@@ -163,7 +163,7 @@ def train(config, method: str, workdir: str | Path, model: LoadedModel, *, ref_p
                 if step % steps_per_epoch == 0 or step == total_steps:
                     with clock("evaluation"):
                         evaluate(step)
-                if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == total_steps or stopping:
                     with clock("save"):
                         _save_checkpoint(checkpointer, step, run.state, meta(step), last_saved)
                     last_saved = step

@@ -152,6 +152,14 @@ def test_unknown_method_and_bad_settings(tmp_path):
         run(tiny_config(grad_accum=3), "sft", tmp_path)
     with pytest.raises(T.TrainingError, match="dpo.loss_type is 'kto'"):
         run(tiny_config(**{"dpo.loss_type": "kto"}), "dpo", tmp_path)
+    with pytest.raises(T.TrainingError, match="checkpoint_every is -1; expected a step count, or 0"):
+        run(tiny_config(checkpoint_every=-1), "sft", tmp_path)
+
+
+def test_checkpoint_every_zero_saves_only_the_final_step(tmp_path):
+    result = run(tiny_config(max_steps=3, checkpoint_every=0), "sft", tmp_path)
+    assert result.final_step == 3
+    assert list(Checkpointer(tmp_path / "checkpoints", keep=10).manager.all_steps()) == [3]
 
 
 def train_cli(*args, timeout=900):

@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_length = 512  # prompt + response tokens per sequence
     c.data.too_long = "error"  # rows over max_length: "error", "truncate" (response cut) or "drop"
     c.data.length_bucket = 64  # sequence lengths are padded up to a multiple of this
+    c.data.group_by_length = 0  # > 0: rows per group sorted by length before batching (less padding); 0: random
 
     c.batch_size = 8  # examples (SFT) or pairs (DPO) per optimizer step
     c.grad_accum = 1  # micro-batches per optimizer step; batch_size must divide by it

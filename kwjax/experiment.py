@@ -75,6 +75,8 @@ def train_fingerprint(config, method: str) -> str:
     if not d.get("lora", {}).get("rank"):
         d.pop("lora", None)
     d.pop("logprob_keep_logits", None)  # a speed/memory trade, same log-probs either way
+    if not d.get("data", {}).get("group_by_length"):
+        d.get("data", {}).pop("group_by_length", None)
     if "dpo" in d and d["dpo"].get("loss_type") != "simpo":
         d["dpo"].pop("simpo_gamma", None)
     return digest_json({"method": method, "config": d})

@@ -42,6 +42,12 @@ class Data:
             seqs = [s for pair in seqs for s in pair]
         return sum(len(s.prompt) + len(s.response) for s in seqs)
 
+    def lengths(self) -> np.ndarray:
+        """Each row's padded-length driver: its sequence (SFT) or the longer of its pair (DPO)."""
+        if self.kind == "sft":
+            return np.array([len(s) for s in self.items])
+        return np.array([max(len(s) for s in pair) for pair in self.items])
+
     def weight(self, indices) -> float:
         """What one batch counts for in a mean over the split: response tokens (SFT) or pairs (DPO)."""
         if self.kind == "sft":
@@ -58,6 +64,25 @@ def encode(rows: list[dict], tokenizer, config, kind: str) -> Data:
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """Epoch e's row order: seeded by (seed, e) alone, so a resumed run sees the batches it would have."""
     return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_batches(seed: int, epoch: int, lengths: np.ndarray, batch_size: int, group: int = 0) -> list[np.ndarray]:
+    """Epoch e's batches of row indices, seeded by (seed, e) alone (a resumed run sees the same batches).
+
+    group = 0: consecutive slices of a random permutation. group > 0: the permutation is cut into groups
+    of `group` rows, each sorted longest first, then cut into batches whose order is shuffled: rows of
+    like length share a batch, so less of each batch is padding, while which rows meet still changes
+    from epoch to epoch (HF's group_by_length does the same with groups of 50 batches).
+    """
+    n = len(lengths)
+    order = epoch_order(seed, epoch, n)
+    if group <= 0:
+        return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    chunks = [order[s:s + group] for s in range(0, n, group)]
+    order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in chunks])
+    cut = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    shuffle = np.random.default_rng([seed, epoch, 1]).permutation(len(cut))
+    return [cut[i] for i in shuffle]
 
 
 def global_batch(data: Data, idx, config, mesh, ref_logps: np.ndarray | None = None) -> dict[str, jax.Array]:

@@ -77,6 +77,7 @@ class Prepared:
     eval_fn: Callable  # eval_fn(trainable, batch, ref, frozen) -> replicated metrics of one batch
     steps_per_epoch: int
     total_steps: int
+    _epoch_cache: Any = dataclasses.field(default=None, repr=False)  # (epoch, its batches)
 
     @property
     def on_the_fly(self) -> bool:
@@ -93,9 +94,10 @@ class Prepared:
     def train_indices(self, step: int) -> np.ndarray:
         """Step `step`'s rows: epoch order seeded by (seed, epoch), so a resume sees the same batches."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        order = feed.epoch_order(self.config.seed, epoch, len(self.train_data.items))
-        bsz = self.config.batch_size
-        return order[pos * bsz:(pos + 1) * bsz]
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, feed.epoch_batches(self.config.seed, epoch, self.train_data.lengths(),
+                                                           self.config.batch_size, self.config.data.group_by_length))
+        return self._epoch_cache[1][pos]
 
     def train_batch(self, step: int) -> dict[str, jax.Array]:
         return self.batch("train", self.train_indices(step))

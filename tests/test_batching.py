@@ -238,3 +238,45 @@ def test_dpo_error_names_the_rejected_side(tok, limits):
 def test_bad_policy_name(tok, fn, row):
     with pytest.raises(BatchError, match="skip"):
         fn(tok, [row], 100, "skip")
+
+
+# ---------------------------------------------------------------------------------------------------
+# epoch_batches: random slices, or length-grouped batches
+
+
+def test_epoch_batches_without_grouping_are_slices_of_the_epoch_permutation():
+    from kwjax import feed
+
+    lengths = np.arange(10)
+    got = feed.epoch_batches(3, 2, lengths, 4, group=0)
+    perm = np.random.default_rng([3, 2]).permutation(10)  # the definition, written out
+    assert [list(b) for b in got] == [list(perm[0:4]), list(perm[4:8]), list(perm[8:10])]
+
+
+def test_epoch_batches_one_group_pairs_rows_of_like_length():
+    from kwjax import feed
+
+    lengths = np.array([5, 1, 4, 2, 3, 6])
+    for epoch in range(4):  # one group holding every row: the batches are fixed, only their order moves
+        got = feed.epoch_batches(0, epoch, lengths, 2, group=6)
+        assert sorted(sorted(int(i) for i in b) for b in got) == [[0, 5], [1, 3], [2, 4]]
+
+
+@pytest.mark.parametrize("group", [8, 16, 40])
+def test_epoch_batches_grouped_cover_every_row_once_and_cut_padding(group):
+    from kwjax import feed
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 300, size=37)
+    padded = {}
+    for g in (0, group):
+        total = 0
+        for epoch in range(5):
+            got = feed.epoch_batches(7, epoch, lengths, 4, group=g)
+            assert sorted(int(i) for b in got for i in b) == list(range(37))
+            assert [len(b) for b in got].count(1) == 1 and all(len(b) in (1, 4) for b in got)
+            again = feed.epoch_batches(7, epoch, lengths, 4, group=g)  # a resumed run sees the same batches
+            assert all(np.array_equal(a, b) for a, b in zip(got, again))
+            total += sum(len(b) * lengths[b].max() for b in got)
+        padded[g] = total
+    assert padded[group] < 0.9 * padded[0]

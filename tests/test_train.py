@@ -73,6 +73,16 @@ def test_resume_continues_exactly(tmp_path):
     chex.assert_trees_all_close(rest.params, full.params, atol=1e-5)
 
 
+def test_length_grouped_batches_resume_exactly(tmp_path):
+    cfg = tiny_config(max_steps=4, checkpoint_every=2, **{"data.group_by_length": 16})
+    full = run(cfg, "sft", tmp_path / "full")
+    part = run(cfg, "sft", tmp_path / "part", interrupt_at=2)
+    rest = run(cfg, "sft", tmp_path / "part", resume=True)
+    chex.assert_trees_all_close(losses_of(rest), losses_of(full)[2:], atol=1e-5)
+    plain = run(tiny_config(max_steps=4), "sft", tmp_path / "plain")  # other batches: other losses
+    assert not np.allclose(losses_of(plain), losses_of(full), atol=1e-4)
+
+
 def test_sft_loss_falls_and_dpo_raises_margins(tmp_path):
     sft = run(tiny_config(max_steps=12, epochs=10, **{"data.train_limit": 8, "sft.learning_rate": 3e-3}),
               "sft", tmp_path / "sft")

@@ -7,6 +7,7 @@
   python scripts/bench.py matmul   (this machine's float32 matmul rate, the yardstick for FLOP fractions)
   python scripts/bench.py profile  [--method=dpo] (where a kwjax step's time goes: its parts timed alone)
   python scripts/bench.py mfu      [--model=preset:gemma3-1b --batch=4] (accelerator: bf16 DPO steps, MFU)
+  python scripts/bench.py padding  (real/padded tokens of the shipped set per batching policy; counts only)
 
 Peers (transformers, torch; trl for `train`) are benchmark dependencies only: `pip install -e .[test]`
 and `pip install trl`. Without trl, `train` still measures kwjax and says the peer is missing.
@@ -1045,9 +1046,50 @@ def bench_mfu(args) -> dict:
     return out
 
 
+def bench_padding(args) -> dict:
+    """How much of each batch is padding, per batching policy: real tokens / padded tokens over
+    `--epochs` epochs of the shipped training split (the embedded tokenizer), and the distinct padded
+    shapes (each one compile per stage). Counts only, no timing: the step time follows the tokens."""
+    import runpy
+
+    import numpy as np
+
+    from kwjax import batching, feed
+    from kwjax.data import split_rows
+    from kwjax.paths import embedded_gguf_path
+    from kwjax.tokenizer import load_tokenizer
+
+    c = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "recipe_270m.py"))["get_config"]()
+    tok = load_tokenizer(embedded_gguf_path())
+    rows = []
+    for kind in ("sft", "dpo"):
+        train_rows, _ = split_rows(c, kind)
+        data = feed.encode(train_rows, tok, c, kind)
+        lengths = data.lengths()
+        for group in (0, 64, len(lengths)):
+            for bucket in (16, 32, 64):
+                real = padded = padded_resp = 0
+                shapes = set()
+                for epoch in range(args.epochs):
+                    for idx in feed.epoch_batches(c.seed, epoch, lengths, c.batch_size, group):
+                        batch = data.rows(idx, c.batch_size)
+                        seq_len, resp_len = batching.padded_lengths(batch, bucket)
+                        shapes.add((seq_len, resp_len))
+                        padded += len(batch) * seq_len
+                        padded_resp += len(batch) * resp_len
+                        real += sum(len(r) for r in batch if r is not None)
+                rows.append({"kind": kind, "group_by_length": group, "length_bucket": bucket,
+                             "real_over_padded": round(real / padded, 3), "padded_tokens": padded,
+                             "padded_response_tokens": padded_resp, "shapes": len(shapes)})
+    for r in rows:
+        print(f"{r['kind']:4s} group {r['group_by_length']:4d} bucket {r['length_bucket']:3d}: real/padded "
+              f"{r['real_over_padded']:.3f}, padded tokens {r['padded_tokens']}, shapes {r['shapes']}", file=sys.stderr)
+    return {"epochs": args.epochs, "batch_size": c.batch_size, "rows": rows}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["sampling", "load", "train", "matmul", "profile", "mfu", "worker"])
+    p.add_argument("what", choices=["sampling", "load", "train", "matmul", "profile", "mfu", "padding", "worker"])
     p.add_argument("--batch", type=int, default=None, help="sampling: prompts (8); mfu: examples or pairs (4)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=None,
@@ -1069,6 +1111,7 @@ def main() -> None:
     p.add_argument("--variants", default="", help='train: kwjax cells once per "NAME:KEY=VALUE,...;NAME2:..." '
                    "(config overrides, on top of --set), alternating within each round; ratios over the first")
     p.add_argument("--matmul_n", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=5, help="padding: epochs of batches counted")
     # profile
     p.add_argument("--method", default="dpo", choices=["sft", "dpo"])
     p.add_argument("--reference", default="", help="dpo: precomputed (default) or on_the_fly")
@@ -1096,7 +1139,7 @@ def main() -> None:
         bench_worker(args)
         return
     fn = {"sampling": bench_sampling, "load": bench_load, "train": bench_train, "matmul": bench_matmul,
-          "profile": bench_profile, "mfu": bench_mfu}[args.what]
+          "profile": bench_profile, "mfu": bench_mfu, "padding": bench_padding}[args.what]
     result = {"machine": machine(), "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
               args.what: fn(args)}
     text = json.dumps(result, indent=2, ensure_ascii=False)

@@ -307,6 +307,14 @@ def _peak_line(tasks) -> list[str]:
             f"{top.seed}); per task in `experiment.json`."]
 
 
+def _methods_line(config) -> str:
+    """The methods this experiment trained (experiment.methods), each with what defines it."""
+    parts = {"sft": "SFT",
+             "dpo": f"DPO (β = {config.dpo.beta}, {config.dpo.loss_type})",
+             "sft_dpo": "SFT→DPO (DPO from the SFT model, which is also its reference)"}
+    return ", ".join(parts[m] for m in config.experiment.methods if m in parts)
+
+
 def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, record: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,9 +334,9 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
     lines = [
         f"# Experiment report: {config.experiment.name}", "",
         config.experiment.note, "",
-        f"- Base model: `{config.model}` ({config.dtype}); methods: SFT, DPO (β = {config.dpo.beta}, "
-        f"{config.dpo.loss_type}), SFT→DPO (DPO from the SFT model, which is also its reference).",
-        f"- Training: batch {config.batch_size}, learning rates SFT {config.sft.learning_rate:g} / DPO "
+        f"- Base model: `{config.model}` ({config.dtype}); methods: " + _methods_line(config) + ".",
+        f"- Training: batch {config.batch_size}, epochs per stage {config.epochs}, learning rates SFT "
+        f"{config.sft.learning_rate:g} / DPO "
         f"{config.dpo.learning_rate:g} ({config.optimizer.schedule}), sequences up to {config.data.max_length} "
         f"tokens; steps per run: " + ", ".join(
             f"{LABELS[t.model]} {read_marker(t.path).get('final_step')}"

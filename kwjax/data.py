@@ -8,9 +8,11 @@ Two entry points:
   every script sees the same split. :func:`sft_view` and :func:`dpo_view` turn the same rows into the
   SFT (``input``/``output``) and DPO (``prompt``/``chosen``/``rejected``) shapes.
 * :func:`load_records` reads a user's file (JSONL, JSON list, CSV, or a ``datasets`` directory written by
-  ``save_to_disk``) into the same dict shapes. Every row is validated; a bad row raises
-  :class:`DataError` naming the file, the line or row, the field and what was expected. Nothing is
-  dropped silently.
+  ``save_to_disk``) into the same dict shapes. Rows may come in kwjax's own shape or in the formats TRL
+  users bring (prompt/completion, conversational ``messages``, preference pairs with an explicit or
+  implicit prompt, Alpaca, the shipped schema); docs/DATA_FORMATS.md lists them. Every row is
+  validated; a bad row raises :class:`DataError` naming the file, the line or row, the field and what
+  was expected. Nothing is dropped silently.
 
 On top of both, :func:`split_rows` (training) and :func:`validation_rows` (evaluation) decide from a run's
 config which of them a run uses, so that no two callers choose differently.
@@ -21,10 +23,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from kwjax.keywords import KINDS
+from kwjax.prompt_keywords import keywords_from_prompt
 
 __all__ = [
     "DataError",
@@ -43,6 +47,8 @@ __all__ = [
     "validation_rows",
 ]
 
+log = logging.getLogger(__name__)
+
 # The one source file of the shipped set (package data, see pyproject's [tool.setuptools.package-data]).
 SOURCE_PATH = Path(__file__).resolve().parent / "data_files" / "keyword_literature.jsonl"
 
@@ -50,7 +56,7 @@ SPLITS = ("train", "validation")
 FORMS = ("poem", "prose")
 # How each rejected passage fails the task (see data/CARD.md).
 FAILURE_MODES = ("missing_keyword", "keyword_list", "flat_prose", "repetition", "too_short", "off_topic")
-# Required text fields of a user record, per kind.
+# Text fields of the records load_records returns, per kind (kwjax's own row shapes too).
 RECORD_FIELDS = {"sft": ("input", "output"), "dpo": ("prompt", "chosen", "rejected")}
 
 
@@ -165,11 +171,15 @@ def _iter_rows(path: Path, split: str | None = None) -> Iterator[tuple[str, Any]
 # Field validation.
 
 
-def _text_field(path: Path, where: str, row: dict, field: str, expected_fields: Sequence[str]) -> str:
+def _present(path: Path, where: str, row: dict, field: str, expected_fields: Sequence[str]) -> Any:
     if field not in row:
         have = sorted(k for k in row if isinstance(k, str))
         raise DataError(path, where, field, f"missing field (expected fields {list(expected_fields)}; row has {have})")
-    value = row[field]
+    return row[field]
+
+
+def _text_field(path: Path, where: str, row: dict, field: str, expected_fields: Sequence[str]) -> str:
+    value = _present(path, where, row, field, expected_fields)
     if not isinstance(value, str):
         raise DataError(path, where, field, f"expected a string, got {_describe(value)}")
     if not value.strip():
@@ -195,40 +205,231 @@ def _keywords_field(path: Path, where: str, row: dict, *, from_csv: bool, requir
     return [k.strip() for k in value]
 
 
+# --------------------------------------------------------------------------------------------------
+# Chat messages (TRL's conversational formats). kwjax's chat format is one exchange, so a conversation
+# must be [system,] user, assistant; the system message is folded into the user turn as Gemma's
+# template does it (system text, a blank line, the user text).
+
+_ROLES = ("system", "user", "assistant")
+_SINGLE_TURN = "kwjax's chat format is single-turn: [system,] user, assistant"
+
+
+def _messages(path: Path, where: str, field: str, value: Any) -> list[tuple[str, str]]:
+    """(role, content) pairs of a message list, each message checked where a bad one would mislead."""
+    if not isinstance(value, list):
+        raise DataError(path, where, field, f"expected a list of messages ({{'role', 'content'}} objects), "
+                        f"got {_describe(value)}")
+    if not value:
+        raise DataError(path, where, field, "expected a non-empty list of messages, got an empty list")
+    out = []
+    for i, msg in enumerate(value):
+        at = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise DataError(path, where, at,
+                            f"expected a message object with 'role' and 'content', got {_describe(msg)}")
+        for key in ("role", "content"):
+            if key not in msg:
+                raise DataError(path, where, f"{at}.{key}", "missing field (a message needs 'role' and 'content')")
+        role, content = msg["role"], msg["content"]
+        if role not in _ROLES:
+            raise DataError(path, where, f"{at}.role", f"expected one of {list(_ROLES)}, got {_describe(role)}")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(path, where, f"{at}.content", f"expected a non-empty string, got {_describe(content)}")
+        out.append((role, content))
+    return out
+
+
+def _check_turns(path: Path, where: str, field: str, roles: list[str], *, reply: bool) -> None:
+    """Raise unless ``roles`` are [system,] user (then assistant when ``reply``), naming the first misfit."""
+    last = len(roles) - 1
+    want_last = "assistant" if reply else "user"
+    if roles[last] != want_last:
+        what = "the assistant's response" if reply else "the user's message (the response has its own field)"
+        raise DataError(path, where, f"{field}[{last}].role", f"the last message must be {what}, got {roles[last]!r}")
+    users = [i for i, r in enumerate(roles) if r == "user"]
+    if len(users) > 1:
+        raise DataError(path, where, f"{field}[{users[1]}].role", f"a second user turn; {_SINGLE_TURN}")
+    start = 1 if roles[0] == "system" else 0
+    for i, role in enumerate(roles):
+        expected = "system" if i < start else "user" if i == start else "assistant"
+        if role != expected or i > start + 1:
+            problem = (f"expected {expected!r}, got {role!r}" if i <= start + 1 else f"one message too many ({role!r})")
+            raise DataError(path, where, f"{field}[{i}].role", f"{problem}; {_SINGLE_TURN}")
+
+
+def _user_text(system: str | None, user: str) -> str:
+    """The user turn kwjax trains on; a system message goes first, then a blank line (Gemma's template)."""
+    return user if system is None else f"{system}\n\n{user.strip()}"
+
+
+def _chat_prompt(path: Path, where: str, field: str, msgs: list[tuple[str, str]]) -> str:
+    """The prompt of a message list that ends with the user's message."""
+    _check_turns(path, where, field, [r for r, _ in msgs], reply=False)
+    return _user_text(msgs[0][1] if len(msgs) == 2 else None, msgs[-1][1])
+
+
+def _chat_pair(path: Path, where: str, field: str, msgs: list[tuple[str, str]]) -> tuple[str, str]:
+    """(prompt, response) of a whole single-turn conversation."""
+    _check_turns(path, where, field, [r for r, _ in msgs], reply=True)
+    return _user_text(msgs[0][1] if len(msgs) == 3 else None, msgs[-2][1]), msgs[-1][1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows in each accepted format (docs/DATA_FORMATS.md), read into (prompt, response[, rejected]).
+
+_SHIPPED_TEXT = ("instruction", "chosen", "rejected")
+
+
+def _has(row: dict, field: str) -> bool:
+    """Whether a row carries ``field``; a null counts as absent, as in a ``datasets`` table whose rows mix
+    formats (every column exists in every row there)."""
+    return row.get(field) is not None
+
+
+def _prompt_field(path: Path, where: str, row: dict, field: str, expected_fields: Sequence[str]) -> str:
+    """A prompt given as a string or as messages ending with the user's."""
+    if isinstance(_present(path, where, row, field, expected_fields), list):
+        return _chat_prompt(path, where, field, _messages(path, where, field, row[field]))
+    return _text_field(path, where, row, field, expected_fields)
+
+
+def _response_field(path: Path, where: str, row: dict, field: str, expected_fields: Sequence[str]) -> str:
+    """A response given as a string or as a list holding the one assistant message."""
+    if not isinstance(_present(path, where, row, field, expected_fields), list):
+        return _text_field(path, where, row, field, expected_fields)
+    msgs = _messages(path, where, field, row[field])
+    if msgs[-1][0] != "assistant":
+        raise DataError(path, where, f"{field}[{len(msgs) - 1}].role", f"expected 'assistant', got {msgs[-1][0]!r}")
+    if len(msgs) > 1:
+        raise DataError(path, where, field, f"expected one assistant message, got {len(msgs)} messages "
+                        "(the prompt's messages go in 'prompt')")
+    return msgs[0][1]
+
+
+def _alpaca_pair(path: Path, where: str, row: dict) -> tuple[str, str]:
+    """Alpaca: the prompt keeps the instruction and, when there is one, the input after a blank line."""
+    fields = ("instruction", "input", "output")
+    instruction = _text_field(path, where, row, "instruction", fields)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(path, where, "input", f"expected a string (may be empty), got {_describe(extra)}")
+    prompt = f"{instruction.strip()}\n\n{extra.strip()}" if extra and extra.strip() else instruction
+    return prompt, _text_field(path, where, row, "output", fields)
+
+
+def _implicit_prompt(path: Path, where: str, row: dict) -> tuple[str, str, str]:
+    """TRL's implicit prompt: chosen and rejected conversations share every message but their last."""
+    fields = ("chosen", "rejected")
+    chosen, rejected = (_messages(path, where, f, _present(path, where, row, f, fields)) for f in fields)
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[-1][0] != "assistant":
+            raise DataError(path, where, f"{field}[{len(msgs) - 1}].role",
+                            f"the last message must be the assistant's response, got {msgs[-1][0]!r}")
+    if chosen[:-1] != rejected[:-1]:
+        i = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
+        raise DataError(path, where, f"rejected[{i}]", f"differs from chosen[{i}] before the last (assistant) "
+                        "message; without a 'prompt' field chosen and rejected must share their prompt messages")
+    if len(chosen) == 1:
+        raise DataError(path, where, "prompt", "missing field, and chosen and rejected share no prompt messages "
+                        "(an implicit prompt is the messages they both start with)")
+    return _chat_prompt(path, where, "chosen", chosen[:-1]), chosen[-1][1], rejected[-1][1]
+
+
+def _sft_shape(row: dict) -> str | None:
+    """The SFT format a row is in, if it is in one (for the error that says to load it with kind='sft')."""
+    for fields in (("instruction", "output"), ("prompt", "completion"), ("messages",), ("input", "output")):
+        if all(_has(row, f) for f in fields):
+            return "/".join(fields)
+    return None
+
+
+def _dpo_triple(path: Path, where: str, row: dict) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a preference row: explicit prompt, the shipped schema, or implicit."""
+    fields = RECORD_FIELDS["dpo"]
+    if not _has(row, "chosen") and not _has(row, "rejected") and (shape := _sft_shape(row)):
+        missing = next(f for f in fields if not _has(row, f))
+        raise DataError(path, where, missing, f"missing field; the row is an SFT row ({shape}) with no "
+                        "chosen/rejected pair: load it with kind='sft'")
+    if not _has(row, "prompt") and _has(row, "instruction"):  # the shipped schema
+        return tuple(_text_field(path, where, row, f, _SHIPPED_TEXT) for f in _SHIPPED_TEXT)
+    if not _has(row, "prompt") and isinstance(row.get("chosen"), list):
+        return _implicit_prompt(path, where, row)
+    return (_prompt_field(path, where, row, "prompt", fields), _response_field(path, where, row, "chosen", fields),
+            _response_field(path, where, row, "rejected", fields))
+
+
+def _sft_pair(path: Path, where: str, row: dict) -> tuple[str, str]:
+    """(input, output) of an SFT row; a preference row gives its prompt and chosen response, so one
+    file serves both stages of SFT then DPO."""
+    if _has(row, "messages"):
+        return _chat_pair(path, where, "messages", _messages(path, where, "messages", row["messages"]))
+    if _has(row, "instruction") and not _has(row, "output") and _has(row, "chosen"):  # the shipped schema
+        return (_text_field(path, where, row, "instruction", _SHIPPED_TEXT),
+                _text_field(path, where, row, "chosen", _SHIPPED_TEXT))
+    if _has(row, "instruction"):
+        return _alpaca_pair(path, where, row)
+    if _has(row, "completion"):
+        fields = ("prompt", "completion")
+        return (_prompt_field(path, where, row, "prompt", fields),
+                _response_field(path, where, row, "completion", fields))
+    if _has(row, "chosen") or _has(row, "rejected"):
+        prompt, chosen, _ = _dpo_triple(path, where, row)
+        return prompt, chosen
+    if _has(row, "text") and not _has(row, "input") and not _has(row, "output"):
+        raise DataError(path, where, "text", "plain text rows (TRL's language-modeling format) have no prompt and "
+                        "response; kwjax needs input/output, prompt/completion, messages or instruction/output")
+    fields = RECORD_FIELDS["sft"]
+    return _text_field(path, where, row, "input", fields), _text_field(path, where, row, "output", fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader.
+
+
 def load_records(path: str | Path, kind: str = "sft", *, split: str | None = None) -> list[dict]:
     """Read and validate a user's SFT or DPO file; returns one dict per row, in file order.
 
-    ``kind="sft"`` rows need ``input`` and ``output``; ``kind="dpo"`` rows need ``prompt``, ``chosen`` and
-    ``rejected``. Each must be a non-empty string. ``keywords`` is optional: a list of strings (a
-    comma-separated string in CSV); it lets evaluation measure coverage without parsing the prompt.
-    Records come back as ``{"id", <text fields>, "keywords"}`` (``keywords`` None when absent; ``id`` the
-    row's own string ``id`` if it has one, else ``"<file name>#<record number>"``). Other fields are ignored.
-    ``split`` picks a split when the path is a saved ``DatasetDict``.
-    Raises :class:`DataError` on the first bad row or an unusable file.
+    Records come back as ``{"id", "input", "output", "keywords"}`` (``kind="sft"``) or ``{"id", "prompt",
+    "chosen", "rejected", "keywords"}`` (``kind="dpo"``), whichever accepted format each row is in
+    (detected per row from its fields; see docs/DATA_FORMATS.md): kwjax's own ``input``/``output`` and
+    ``prompt``/``chosen``/``rejected`` strings, TRL's prompt/completion, ``messages`` and preference
+    formats (explicit or implicit prompt), Alpaca, and the shipped schema. With ``kind="sft"`` a
+    preference row gives its prompt and chosen response. ``id`` is the row's own string ``id`` if it has
+    one, else ``"<file name>#<record number>"``. ``keywords`` is the row's list of strings (a
+    comma-separated string in CSV); without one, the three keywords its prompt names
+    (`kwjax.prompt_keywords`), else None, and one warning per file counts such rows. Other fields
+    are ignored, ``split`` among them: the whole file is used. The ``split`` argument picks a split when
+    the path is a saved ``DatasetDict``. Raises :class:`DataError` on the first bad row or an unusable file.
     """
     if kind not in RECORD_FIELDS:
         raise ValueError(f"kind must be one of {sorted(RECORD_FIELDS)}, got {kind!r}")
     path = Path(path)
-    fields = RECORD_FIELDS[kind]
     from_csv = path.suffix.lower() == ".csv" and not path.is_dir()
     records = []
     for where, row in _iter_rows(path, split):
         if not isinstance(row, dict):
-            raise DataError(path, where, None, f"expected an object with fields {list(fields)}, got {_describe(row)}")
-        other = "dpo" if kind == "sft" else "sft"
-        if not any(f in row for f in fields) and all(f in row for f in RECORD_FIELDS[other]):
-            raise DataError(path, where, fields[0], f"missing field; the row has {other} fields "
-                            f"{list(RECORD_FIELDS[other])}: load it with kind={other!r}")
-        rec: dict[str, Any] = {}
+            raise DataError(path, where, None, f"expected an object with fields {list(RECORD_FIELDS[kind])}, "
+                            f"got {_describe(row)}")
         rid = row.get("id")
-        rec["id"] = rid if isinstance(rid, str) and rid.strip() else f"{path.name}#{len(records) + 1}"
-        for f in fields:
-            rec[f] = _text_field(path, where, row, f, fields)
-        rec["keywords"] = _keywords_field(path, where, row, from_csv=from_csv, required=False)
+        rec: dict[str, Any] = {"id": rid if isinstance(rid, str) and rid.strip() else f"{path.name}#{len(records) + 1}"}
+        texts = _sft_pair(path, where, row) if kind == "sft" else _dpo_triple(path, where, row)
+        rec.update(zip(RECORD_FIELDS[kind], texts))
+        keywords = _keywords_field(path, where, row, from_csv=from_csv, required=False)
+        rec["keywords"] = keywords if keywords is not None else keywords_from_prompt(texts[0])
         records.append(rec)
     if not records:
         raise DataError(path, "", None, "empty file: no rows")
+    _warn_missing_keywords(path, records)
     return records
+
+
+def _warn_missing_keywords(path: Path, records: Sequence[dict]) -> None:
+    """Rows without keywords drop out of keyword coverage; say so once per file rather than silently."""
+    missing = [r["id"] for r in records if r["keywords"] is None]
+    if missing:
+        log.warning("%s: keyword coverage will be off for %d of %d rows (no 'keywords' field, and the prompt "
+                    "names no three keywords kwjax can find; e.g. %s): add a 'keywords' list to them",
+                    path, len(missing), len(records), ", ".join(missing[:3]))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,6 @@ bash scripts/_venv.sh ""
 py=.venv/bin/python
 if [ "${SWEEP:-1}" != 0 ]; then
   "$py" scripts/sweep.py --method=sft --config=configs/recipe_270m.py --workdir="$workdir/sweep_sft" \
-      --grid=sft.learning_rate=3e-5,1e-4,3e-4 --config.epochs=1 --config.checkpoint_every=0
+      --grid=sft.learning_rate=1e-5,3e-5,1e-4 --config.epochs=1 --config.checkpoint_every=0
 fi
 exec "$py" scripts/experiment.py --config=configs/recipe_270m.py --workdir="$workdir/experiment" "$@"

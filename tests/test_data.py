@@ -182,7 +182,8 @@ def test_load_jsonl_sft(tmp_path):
     recs = load_records(_write_jsonl(tmp_path / "a.jsonl", SFT_ROWS), "sft")
     assert [r["output"] for r in recs] == ["별이 바다에 꿈처럼 내린다", "비 오는 날 우산을 접고 이별을 했다"]
     assert recs[0]["keywords"] == ["바다", "별", "꿈"]
-    assert recs[1]["keywords"] is None
+    # no keywords field: the three the prompt "비, 우산, 이별로 짧은 글" names (이별로 -> 이별)
+    assert recs[1]["keywords"] == ["비", "우산", "이별"]
     assert recs[1]["id"] == "a.jsonl#2"
 
 
@@ -250,11 +251,16 @@ def test_jsonl_row_not_an_object(tmp_path):
     _assert_error(e, "line 1", "expected an object")
 
 
-def test_dpo_file_loaded_as_sft_says_so(tmp_path):
+def test_dpo_file_loaded_as_sft_gives_prompt_and_chosen(tmp_path):
+    # One file serves SFT then DPO: as SFT a preference row is its prompt and chosen response (this used
+    # to be refused with "load it with kind='dpo'"). The reverse stays an error.
     p = _write_jsonl(tmp_path / "pairs.jsonl", DPO_ROWS)
+    assert load_records(p, "sft") == [{"id": "pairs.jsonl#1", "input": "바다, 별, 꿈", "output": "별이 바다에 꿈처럼 내린다",
+                                       "keywords": ["바다", "별", "꿈"]}]
+    p = _write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
     with pytest.raises(DataError) as e:
-        load_records(p, "sft")
-    _assert_error(e, "pairs.jsonl", "line 1", "field 'input'", "kind='dpo'")
+        load_records(p, "dpo")
+    _assert_error(e, "sft.jsonl", "line 1", "field 'prompt'", "kind='sft'")
 
 
 def test_json_list_errors(tmp_path):

@@ -7,6 +7,7 @@ cannot drift from the data.
     python scripts/data_card.py           # rewrite the generated block of data/CARD.md
     python scripts/data_card.py --check   # exit 1 if the card is out of date (the tests run this)
     python scripts/data_card.py --print   # print the block only
+    python scripts/data_card.py --pairs FILE   # shortcut audit of any preference file (prints; card untouched)
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kwjax.data import FAILURE_MODES, FORMS, SOURCE_PATH, SPLITS, load_examples  # noqa: E402
+from kwjax.data import FAILURE_MODES, FORMS, SOURCE_PATH, SPLITS, dpo_view, load_examples, load_records  # noqa: E402
 from kwjax.keywords import KINDS, keyword_hits  # noqa: E402
 from kwjax.metrics import distinct_n, seq_rep_n  # noqa: E402
+from kwjax.shortcuts import Audit, audit, pairs_of  # noqa: E402
 
 CARD = REPO / "data" / "CARD.md"
 BEGIN, END = "<!-- data_card:begin -->", "<!-- data_card:end -->"
@@ -55,6 +57,29 @@ def _summary(values: list[int]) -> list[str]:
 def _clip(s: str, n: int = 40) -> str:
     s = s.replace("|", "\\|")
     return s if len(s) <= n else s[:n] + "…"
+
+
+def _num(v: float, digits: int = 3) -> str:
+    """Fixed decimals with trailing zeros dropped: 70.5, 0.684, 167."""
+    return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def shortcut_table(a: Audit) -> str:
+    """One row per feature of :mod:`kwjax.shortcuts`: means, pairwise and threshold separability."""
+    rows = []
+    for r in a.results:
+        op = ">" if r.threshold_direction.startswith("larger") else "<"
+        rows.append([r.feature, f"{r.chosen_mean:.2f}", f"{r.rejected_mean:.2f}",
+                     f"{_num(r.pairwise_correct, 1)}/{r.pairs} ({r.pairwise:.3f})", r.direction, r.ties,
+                     f"{r.threshold:.3f}", f"chosen if {op} {_num(r.cut)}"])
+    return _table(["feature", "chosen mean", "rejected mean", "pairwise", "pairwise rule", "ties",
+                   "threshold", "threshold rule"], rows)
+
+
+def best_line(a: Audit) -> str:
+    b = a.best
+    return (f"best single feature: {b.feature} separates {_num(b.pairwise_correct, 1)}/{b.pairs} pairs "
+            f"({b.pairwise:.3f}), {b.direction}")
 
 
 def render() -> str:
@@ -131,6 +156,21 @@ def render() -> str:
         parts.append("")
     openers = Counter(sentences_of(r.chosen)[0].split()[0] for r in rows)
     parts.append("Most common first words: " + ", ".join(f"{w} ({n})" for w, n in openers.most_common(5)) + ".")
+
+    parts.append("\n### Shortcut audit\n")
+    parts.append("Can one surface feature tell chosen from rejected (`kwjax.shortcuts`; run any preference file "
+                 "through `python scripts/data_card.py --pairs FILE`)? *Pairwise*: the rule \"the passage with "
+                 "the larger value is chosen\" or its reverse, whichever is better, over pairs (a tie counts "
+                 "half); 0.5 = no cue. *Threshold*: the best single cut labelling each of the 2N passages on its "
+                 "own. Features: characters (with whitespace), distinct non-whitespace characters, whitespace "
+                 "words, non-empty lines, polite-register sentence endings (습니다/ㅂ니다, …요), longest repeated "
+                 "word n-gram, any repeated word 4-gram (0/1), distinct-2 of the passage over characters and "
+                 "over words, dictionary-definition sentences (\"X는 …이다\", \"…을 뜻한다\").\n")
+    for name, rs in (("All rows", rows), ("Validation split", by_split["validation"])):
+        a = audit(pairs_of(dpo_view(rs)))
+        parts.append(f"{name} ({len(rs)} pairs):\n")
+        parts.append(shortcut_table(a))
+        parts.append(f"\n{best_line(a)}.\n")
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -139,7 +179,15 @@ def main() -> None:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--check", action="store_true", help="exit 1 if data/CARD.md is out of date")
     g.add_argument("--print", action="store_true", help="print the generated block")
+    g.add_argument("--pairs", metavar="FILE", help="shortcut audit of a preference file (any format "
+                   "kwjax.data.load_records(FILE, 'dpo') reads); prints the table, leaves the card alone")
     args = ap.parse_args()
+    if args.pairs:
+        a = audit(pairs_of(load_records(args.pairs, "dpo")))
+        print(f"shortcut audit of {args.pairs}: {a.best.pairs} pairs\n")
+        print(shortcut_table(a))
+        print(f"\n{best_line(a)}")
+        return
     block = render()
     if args.print:
         print(block, end="")

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 16.0  # the update is (alpha / rank) · A B
     c.lora.dropout = 0.0  # only 0 is supported (adapters are merged into the weights inside the step)
     c.lora.targets = "q,k,v,o,gate,up,down"  # comma-separated, of q k v o gate up down
+    # Embedding rows trained although the embedding is frozen (kwjax.token_rows): comma-separated token
+    # pieces or ids, e.g. "<start_of_turn>,<end_of_turn>", whose rows a pretrained model never trained.
+    c.train_tokens = ""
 
     c.remat = True  # recompute each layer in the backward pass (270M DPO step: 1.6 GiB lower peak, +1% time; SFT +6%)
     c.logprob_chunk = 128  # response positions per chunk of the vocabulary projection

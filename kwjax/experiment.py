@@ -72,6 +72,8 @@ def train_fingerprint(config, method: str) -> str:
     # Fields added later, at values that change nothing: dropped, so earlier workdirs stay valid.
     if not d.get("freeze"):
         d.pop("freeze", None)
+    if not str(d.get("train_tokens", "")).strip():
+        d.pop("train_tokens", None)
     if not d.get("lora", {}).get("rank"):
         d.pop("lora", None)
     d.pop("logprob_keep_logits", None)  # a speed/memory trade, same log-probs either way

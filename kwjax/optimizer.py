@@ -34,9 +34,11 @@ def schedule(cfg, peak_lr: float, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embedding: bool):
-    """Decay matrices only: norms (1-D) never; the embedding only when asked (it is the output head too)."""
+    """Decay matrices only: norms (1-D) never; the embedding (and trained rows of it) only when asked:
+    it is the output head too."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and (decay_embedding or getattr(path[0], "key", None) != "embedding"),
+        lambda path, x: x.ndim >= 2 and (decay_embedding or getattr(path[0], "key", None) not in
+                                         ("embedding", "token_rows")),
         params)
 
 

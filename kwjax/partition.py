@@ -101,16 +101,31 @@ class Partition:
 
 def describe_text(record: dict) -> str:
     """A checkpoint's split in words, for errors."""
+    rows = record.get("token_rows")
+    extra = f" + trained rows of train_tokens={','.join(rows)!r}" if rows else ""
     if "lora" in record:
         lo = record["lora"]
-        return f"LoRA (lora.rank={lo['rank']}, lora.alpha={lo['alpha']:g}, lora.targets={','.join(lo['targets'])!r})"
+        return (f"LoRA (lora.rank={lo['rank']}, lora.alpha={lo['alpha']:g}, lora.targets={','.join(lo['targets'])!r})"
+                + extra)
     patterns = record.get("freeze", [])
-    return f"freeze={','.join(patterns)!r}" if patterns else "full fine-tuning (freeze='', lora.rank=0)"
+    return (f"freeze={','.join(patterns)!r}" if patterns else "full fine-tuning (freeze='', lora.rank=0)") + extra
 
 
-def from_config(config):
+def from_config(config, tokenizer=None):
     """The configured split: LoRA when `lora.rank` > 0 (`kwjax.lora`), else `config.freeze`:
-    comma-separated regular expressions over parameter paths ("" = train everything)."""
+    comma-separated regular expressions over parameter paths ("" = train everything); either with the
+    rows of `config.train_tokens` trained on top (`kwjax.token_rows`; pieces need the `tokenizer`)."""
+    from kwjax import token_rows
+
+    base = _base_from_config(config)
+    spec = str(config.get("train_tokens", "") or "")
+    if not spec.strip():
+        return base
+    ids, pieces = token_rows.parse(spec, tokenizer)
+    return token_rows.TokenRows(base, ids, pieces) if ids else base
+
+
+def _base_from_config(config):
     from kwjax import lora
 
     adapters = lora.from_config(config)

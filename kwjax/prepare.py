@@ -154,7 +154,7 @@ def prepare(config, method: str, model: LoadedModel, *, ref_params=None, devices
         raise TrainingError(f"batch_size {config.batch_size} does not divide over the mesh: data×fsdp = "
                             f"{sharding.batch_divisor(mesh)} devices × grad_accum {config.grad_accum}{where}")
     try:
-        part = partlib.from_config(config)
+        part = partlib.from_config(config, model.tokenizer)
         part.check(model.params)
     except partlib.PartitionError as e:
         raise TrainingError(str(e)) from None

@@ -28,6 +28,7 @@ RULES: list[tuple[str, tuple]] = [
     (r"mlp/down$", ("tensor", "fsdp")),  # [F, D]
     (r"/a$", ("fsdp", None)),  # LoRA A [in, r] (kwjax.lora): its input side split like the weight's
     (r"/b$", (None, "tensor")),  # LoRA B [r, out]: its output side split like the weight's
+    (r"^token_rows$", (None, "fsdp")),  # [K, D] trained embedding rows (kwjax.token_rows): D as the embedding's
     (r".*", ()),  # norms: replicated
 ]
 

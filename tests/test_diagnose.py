@@ -41,3 +41,29 @@ def test_stop_scores_equal_the_full_forward(model):
     out = summary(got)
     assert out["rows"] == 2 and out["line_ends"] == 2
     np.testing.assert_allclose(out["end_p_median"], np.median(np.exp([s.end_logp for s in got])), rtol=1e-6)
+
+
+def test_mass_near_the_end_of_turn_row_is_the_sum_over_those_rows(model):
+    """Rows planted next to <end_of_turn>'s (cosine ~1): found, and their probability summed at the end."""
+    import dataclasses
+
+    from kwjax.diagnose import near_rows
+
+    tok = model.tokenizer
+    eot = tok.end_of_turn_id
+    e = np.array(model.params["embedding"])
+    planted = [11, 12, 13]
+    rng = np.random.default_rng(0)
+    for i in planted:
+        e[i] = e[eot] * 1.01 + 1e-4 * rng.standard_normal(e.shape[1])
+    params = {**model.params, "embedding": jax.numpy.asarray(e)}
+    assert list(near_rows(params["embedding"], eot)) == planted
+    twin = dataclasses.replace(model, params=params)
+    got = stop_scores(twin, ROWS[:1], batch_size=1)[0]
+    seq = batching.encode_exchange(tok, ROWS[0]["prompt"], ROWS[0]["chosen"])
+    ids = np.array([list(seq.prompt) + list(seq.response)], np.int32)
+    logits = np.asarray(model.module.apply({"params": params}, ids, positions_from_mask(np.ones_like(ids, bool))),
+                        np.float64)[0, -2]
+    logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    np.testing.assert_allclose(got.end_near_logp, np.log(np.exp(logp[planted]).sum()), atol=2e-4)
+    assert summary([got])["end_near_p_median"] == pytest.approx(np.exp(got.end_near_logp), rel=1e-6)

@@ -21,14 +21,24 @@ from kwjax.partition import Partition, merge
 from kwjax.models.gemma3.model import Gemma3, positions_from_mask
 
 
-def forward_logps(module: Gemma3, params, batch, chunk: int, keep_logits: bool = False) -> losses.ResponseLogps:
+def forward_logps(module: Gemma3, params, batch, chunk: int, keep_logits: bool = False,
+                  rows=None) -> losses.ResponseLogps:
     """Response-token log-probs of a batch (`kwjax.batching` layout); no B × T × V logits are formed
-    unless `keep_logits` (the backward pass then reuses the forward's, see `losses.response_logps`)."""
+    unless `keep_logits` (the backward pass then reuses the forward's, see `losses.response_logps`).
+
+    `rows`: (ids_K, rows_KD), the trained rows of an otherwise frozen embedding (`kwjax.token_rows`),
+    already written into `params["embedding"]`; their output-side gradient is added by
+    `losses.with_row_gradients` instead of through the whole embedding's."""
     hidden = module.apply({"params": params}, batch["tokens_BT"], positions_from_mask(batch["valid_BT"]),
                           return_hidden=True)
-    return losses.response_logps(hidden, params["embedding"], batch["target_idx_BR"], batch["targets_BR"],
-                                 batch["target_mask_BR"], chunk=chunk, softcap=module.config.final_logit_softcap,
-                                 keep_logits=keep_logits)
+    softcap = module.config.final_logit_softcap
+    embedding = params["embedding"] if rows is None else jax.lax.stop_gradient(params["embedding"])
+    lp = losses.response_logps(hidden, embedding, batch["target_idx_BR"], batch["targets_BR"],
+                               batch["target_mask_BR"], chunk=chunk, softcap=softcap, keep_logits=keep_logits)
+    if rows is None:
+        return lp
+    return losses.with_row_gradients(lp, hidden, embedding, rows[0], rows[1], batch["target_idx_BR"],
+                                     batch["targets_BR"], batch["target_mask_BR"], softcap=softcap)
 
 
 def compute_dtype(config, param_dtype):
@@ -64,8 +74,12 @@ def make_loss_fn(module: Gemma3, method: str, config, partition: Partition | Non
     cdtype = compute_dtype(config, module.param_dtype)
     partition = partition or Partition()
 
+    rows_of = getattr(partition, "output_rows", None)  # kwjax.token_rows: trained rows of a frozen embedding
+
     def loss_fn(trainable, micro, ref, totals, frozen=None):
-        lp = forward_logps(module, cast(partition.combine(trainable, frozen or {}), cdtype), micro, chunk, keep)
+        rows = None if rows_of is None else cast(rows_of(trainable), cdtype)
+        lp = forward_logps(module, cast(partition.combine(trainable, frozen or {}), cdtype), micro, chunk, keep,
+                           rows)
         ref_logps_B = None
         if objective.needs_reference:
             if ref is not None:  # same module, the frozen reference tree, no gradient

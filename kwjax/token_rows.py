@@ -10,8 +10,9 @@ as often as `<end_of_turn>`, and keeps writing. Training the rows of those few t
 
 The rows are a leaf `token_rows` [K, D] of the trainable tree, initialised to the frozen embedding's
 rows; `combine` writes them into the embedding, so the model, its exports and its sampler see one
-ordinary params tree. The cost of that choice: the backward pass forms the embedding's full gradient
-before picking K rows of it (as full fine-tuning does, without the optimizer state of 168M entries).
+ordinary params tree. In the train step the output projection sees the embedding as a constant and the
+rows' share of the gradient is added per response position (`losses.with_row_gradients`), so no
+[V, D] gradient of the projection is formed; the input lookup's gradient reaches them through the write.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class TokenRows:
         embedding = params["embedding"]
         rows = trainable[KEY].astype(embedding.dtype)
         return {**params, "embedding": embedding.at[jnp.asarray(self.ids)].set(rows)}
+
+    def output_rows(self, trainable: dict):
+        """(ids_K, rows_KD) for the step's output projection (`losses.with_row_gradients`)."""
+        return jnp.asarray(self.ids, jnp.int32), trainable[KEY]
 
     def reference_tree(self, reference: dict, frozen: dict) -> dict:
         """The reference is a whole model whose embedding holds its own rows: the base split's rule."""

@@ -105,3 +105,62 @@ def test_resuming_with_other_trained_rows_is_refused(tmp_path):
                                               r"freeze='embedding' \+ trained rows of train_tokens='<end_of_turn>'"):
         T.train(other, "sft", tmp_path, stages.load_model(other), progress=False, resume=True)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_row_gradients_without_the_embeddings_gradient_equal_autodiff_through_the_logits(softcap):
+    """losses.with_row_gradients against jax.grad of a plain log-softmax over E with the rows written in."""
+    from kwjax import losses
+
+    rng = np.random.default_rng(1)
+    b, t, d, v = 2, 7, 16, 96
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    emb = jnp.asarray(rng.standard_normal((v, d)) * 0.5, jnp.float32)
+    ids = jnp.asarray([5, 40, 77], jnp.int32)
+    rows0 = jnp.asarray(rng.standard_normal((3, d)) * 0.5, jnp.float32)
+    idx = jnp.asarray([[1, 2, 3, 4, 5], [0, 2, 4, 6, 6]], jnp.int32)
+    targets = jnp.asarray([[5, 40, 1, 77, 9], [3, 77, 5, 8, 0]], jnp.int32)  # some targets are the rows
+    mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], bool)
+
+    def plain(rows):
+        e = emb.at[ids].set(rows)
+        z = jnp.einsum("btd,vd->btv", hidden, e)
+        z = jnp.tanh(z / softcap) * softcap if softcap else z
+        logp = jax.nn.log_softmax(z, -1)
+        h_logp = jnp.take_along_axis(jnp.take_along_axis(logp, idx[..., None], 1), targets[..., None], -1)[..., 0]
+        return jnp.where(mask, h_logp, 0.0)
+
+    def ours(rows):
+        e = jax.lax.stop_gradient(emb.at[ids].set(rows))
+        lp = losses.response_logps(hidden, e, idx, targets, mask, chunk=2, softcap=softcap, vocab_chunk=32)
+        return losses.with_row_gradients(lp, hidden, e, ids, rows, idx, targets, mask, softcap=softcap).token_logps_BR
+
+    weights = jnp.asarray(rng.standard_normal((b, 5)), jnp.float32)  # any downstream use of each log-prob
+    chex.assert_trees_all_close(ours(rows0), plain(rows0), atol=1e-5)
+    g_ours = jax.grad(lambda r: jnp.sum(ours(r) * weights))(rows0)
+    g_plain = jax.grad(lambda r: jnp.sum(plain(r) * weights))(rows0)
+    chex.assert_trees_all_close(g_ours, g_plain, atol=1e-5, rtol=1e-4)
+    assert float(jnp.abs(g_plain).min()) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_the_steps_loss_gradient_in_the_rows_is_full_fine_tunings_at_those_rows(method):
+    from kwjax import objectives
+    from kwjax import step as steplib
+
+    cfg = tiny_config(**ROWS)
+    model = stages.load_model(cfg)
+    run = prepare(cfg, method, stages.load_model(cfg))
+    batch = jax.tree.map(jnp.asarray, run.batch("train", run.train_indices(0)))
+    totals = objectives.totals(objectives.get(method, cfg), batch)
+    part = run.partition
+    trainable, frozen = part.split(model.params)
+    g_rows = jax.grad(lambda t: steplib.make_loss_fn(run.module, method, cfg, part)(t, batch, None, totals,
+                                                                                   frozen)[0])(trainable)
+    full = partition.Partition()
+    g_full = jax.grad(lambda p: steplib.make_loss_fn(run.module, method, cfg, full)(p, batch, None, totals)[0])(
+        model.params)
+    ids = np.asarray(part.ids)
+    chex.assert_trees_all_close(g_rows["token_rows"], g_full["embedding"][ids], atol=1e-6, rtol=1e-4)
+    chex.assert_trees_all_close(g_rows["layer_1"], g_full["layer_1"], atol=1e-6, rtol=1e-4)
+    assert float(jnp.abs(g_rows["token_rows"]).max()) > 0

@@ -2,7 +2,7 @@
 
 Why: the embedded model is the *pretrained* Gemma 3 270M, and its chat-control tokens were never
 trained. The row of `<end_of_turn>` has cosine > 0.99 with about 4.7k other rows (`<unusedN>` and rare
-pieces such as `DrvGPIO`); `<start_of_turn>` is in the same cluster (docs/recipe-270m/README.md). The
+pieces such as `DrvGPIO`); `<start_of_turn>` lies near it (cosine 0.95; docs/recipe-270m/README.md). The
 embedding is tied, so with it frozen a hidden state that scores `<end_of_turn>` high scores every row of
 that cluster almost as high: a fine-tuned model that "wants" to stop emits `<unused824>` or `eleSp` about
 as often as `<end_of_turn>`, and keeps writing. Training the rows of those few tokens (PEFT's
@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+
 from kwjax.distributed import to_host
 from kwjax.partition import PartitionError
 

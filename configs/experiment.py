@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train_file = ""  # empty: the shipped keyword-literature set (its stored train split)
     c.data.eval_file = ""  # empty: the shipped validation split
+    # DPO stages' pairs (scripts/build_pairs.py writes one): rows split "train" train, "validation" validate;
+    # empty: the same rows as SFT (the shipped authored pairs)
+    c.data.preference_file = ""
     c.data.train_limit = 0  # > 0 keeps only the first N training rows (smoke runs, CI)
     c.data.eval_limit = 0  # > 0 keeps only the first N evaluation rows
     c.data.max_length = 512  # prompt + response tokens per sequence

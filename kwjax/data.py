@@ -39,11 +39,13 @@ __all__ = [
     "FAILURE_MODES",
     "RECORD_FIELDS",
     "load_examples",
+    "load_heldout",
     "sft_view",
     "dpo_view",
     "load_records",
     "shipped_or_file_rows",
     "split_rows",
+    "preference_rows",
     "validation_rows",
 ]
 
@@ -386,7 +388,8 @@ def _sft_pair(path: Path, where: str, row: dict) -> tuple[str, str]:
 # The loader.
 
 
-def load_records(path: str | Path, kind: str = "sft", *, split: str | None = None) -> list[dict]:
+def load_records(path: str | Path, kind: str = "sft", *, split: str | None = None,
+                 keep: Sequence[str] = ()) -> list[dict]:
     """Read and validate a user's SFT or DPO file; returns one dict per row, in file order.
 
     Records come back as ``{"id", "input", "output", "keywords"}`` (``kind="sft"``) or ``{"id", "prompt",
@@ -398,7 +401,8 @@ def load_records(path: str | Path, kind: str = "sft", *, split: str | None = Non
     one, else ``"<file name>#<record number>"``. ``keywords`` is the row's list of strings (a
     comma-separated string in CSV); without one, the three keywords its prompt names
     (`kwjax.prompt_keywords`), else None, and one warning per file counts such rows. Other fields
-    are ignored, ``split`` among them: the whole file is used. The ``split`` argument picks a split when
+    are ignored, ``split`` among them: the whole file is used, unless ``keep`` names fields to copy
+    through (string values only; absent = not in the record). The ``split`` argument picks a split when
     the path is a saved ``DatasetDict``. Raises :class:`DataError` on the first bad row or an unusable file.
     """
     if kind not in RECORD_FIELDS:
@@ -416,6 +420,11 @@ def load_records(path: str | Path, kind: str = "sft", *, split: str | None = Non
         rec.update(zip(RECORD_FIELDS[kind], texts))
         keywords = _keywords_field(path, where, row, from_csv=from_csv, required=False)
         rec["keywords"] = keywords if keywords is not None else keywords_from_prompt(texts[0])
+        for field in keep:
+            if field in row and row[field] is not None:
+                if not isinstance(row[field], str):
+                    raise DataError(path, where, field, f"expected a string, got {_describe(row[field])}")
+                rec[field] = row[field]
         records.append(rec)
     if not records:
         raise DataError(path, "", None, "empty file: no rows")
@@ -474,6 +483,36 @@ def example_from_row(path: Path, where: str, row: Any) -> Example:
     return Example(keywords=tuple(keywords), keyword_kinds=tuple(kinds), **text)
 
 
+HELDOUT_PATH = SOURCE_PATH.with_name("heldout_keywords.jsonl")
+
+
+def load_heldout(path: str | Path | None = None) -> list[dict]:
+    """The held-out-keyword prompts: 40 prompts none of whose keywords (nor a word containing or contained
+    in one) occurs anywhere in the shipped set. Prompts only (no passages): they test whether a model
+    uses keywords it never saw in training; `scripts/build_pairs.py` makes pairs for them by sampling.
+    Rows: ``{"id", "prompt", "keywords", "keyword_kinds", "form", "split": "heldout"}``."""
+    path = Path(path) if path else HELDOUT_PATH
+    rows = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"line {lineno}", None, f"is not valid JSON ({e.msg})") from None
+        for field in ("id", "instruction", "form"):
+            if not isinstance(raw.get(field), str) or not raw[field].strip():
+                raise DataError(path, f"line {lineno}", field, "expected a non-empty string")
+        kws, kinds = raw.get("keywords"), raw.get("keyword_kinds")
+        if not (isinstance(kws, list) and len(kws) == 3 and all(isinstance(k, str) and k for k in kws)):
+            raise DataError(path, f"line {lineno}", "keywords", f"expected a list of 3 strings, got {kws!r}")
+        if not (isinstance(kinds, list) and len(kinds) == 3 and all(k in KINDS for k in kinds)):
+            raise DataError(path, f"line {lineno}", "keyword_kinds", f"expected 3 of {KINDS}, got {kinds!r}")
+        rows.append({"id": raw["id"], "prompt": raw["instruction"], "keywords": kws, "keyword_kinds": kinds,
+                     "form": raw["form"], "split": "heldout"})
+    return rows
+
+
 def load_examples(path: str | Path | None = None, split: str | None = None) -> list[Example]:
     """The shipped rows (or a file in the same schema), in file order; ``split`` keeps one split."""
     if split is not None and split not in SPLITS:
@@ -517,16 +556,32 @@ def shipped_or_file_rows(path: str | Path | None, kind: str, split: str) -> list
     return view(load_examples(split=split))
 
 
+def preference_rows(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train, validation) DPO records of a preference file by its rows' ``split`` field: "train" or no
+    split trains, "validation" validates, any other split (the builder's "heldout") is never trained on."""
+    train, evals = [], []
+    for rec in load_records(path, "dpo", keep=("split",)):
+        split = rec.pop("split", "train")
+        (train if split == "train" else evals if split == "validation" else []).append(rec)
+    if not train:
+        raise DataError(Path(path), "", "split", "no training rows (split 'train' or none)")
+    return train, evals
+
+
 def split_rows(config, kind: str) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) for training: ``config.data.train_file`` (and ``eval_file``), else the
-    shipped split; each cut to ``data.train_limit`` / ``data.eval_limit`` when set.
+    shipped split; each cut to ``data.train_limit`` / ``data.eval_limit`` when set. DPO stages take
+    ``data.preference_file`` instead when it is set (:func:`preference_rows`), so SFT→DPO can train its
+    SFT stage on the authored passages and its DPO stage on on-policy pairs.
 
     A train file without an eval file means no eval rows: the shipped validation pairs are another
     data set than the user's. Without a train file both come from the shipped split, even when
     ``eval_file`` is set (evaluation, `validation_rows`, does read it then).
     """
     d = config.data
-    if d.train_file:
+    if kind == "dpo" and d.get("preference_file", ""):
+        train, evals = preference_rows(d.preference_file)
+    elif d.train_file:
         train = load_records(d.train_file, kind)
         evals = load_records(d.eval_file, kind) if d.eval_file else []
     else:

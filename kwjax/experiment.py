@@ -79,6 +79,8 @@ def train_fingerprint(config, method: str) -> str:
     d.pop("logprob_keep_logits", None)  # a speed/memory trade, same log-probs either way
     if not d.get("data", {}).get("group_by_length"):
         d.get("data", {}).pop("group_by_length", None)
+    if method == "sft" or not d.get("data", {}).get("preference_file"):
+        d.get("data", {}).pop("preference_file", None)  # SFT never reads it
     if "dpo" in d and d["dpo"].get("loss_type") != "simpo":
         d["dpo"].pop("simpo_gamma", None)
     return digest_json({"method": method, "config": d})
@@ -86,9 +88,10 @@ def train_fingerprint(config, method: str) -> str:
 
 def eval_fingerprint(config, model: str) -> str:
     d = json.loads(config.to_json_best_effort())
+    rows = {"eval_file": d["data"]["eval_file"]} if d["data"].get("eval_file") else {}  # other prompts
     return digest_json({"model": model, "eval": d["eval"], "train": None if model == "base" else
                         train_fingerprint(config, model), "base": d["model"], "seed": d["seed"],
-                        "max_length": d["data"]["max_length"]})
+                        "max_length": d["data"]["max_length"], **rows})
 
 
 def _check_done(task: Task, fingerprint: str) -> bool:

@@ -60,6 +60,15 @@ def _last_item(word: str, following: str) -> str:
     return _strip_ending(stem, _SUBJECT) if stem == word and _APPEARS.match(following) else stem
 
 
+_OBJECT = (("을", "C"), ("를", "V"))
+_REQUEST = re.compile("(?:줘|줄래|주세요|세요|봐|해|써|좀)$")
+
+
+def _is_request_word(word: str) -> bool:
+    """A word of a request, not a keyword: 시를 써 줘 is three bare words but names no keywords."""
+    return bool(_REQUEST.search(word)) or _strip_ending(word, _OBJECT) != word
+
+
 def _tokens(segment: str, seps: str) -> list[str]:
     """Words and separators; "A와 B" reads as "A, B" when B looks listed (a separator or particle follows),
     "A, B 그리고 C" and "A, B, 그리고 C" as "A, B, C"."""
@@ -115,7 +124,7 @@ def keywords_from_prompt(prompt: str) -> list[str] | None:
     if len(numbered) == 3:
         found.append(numbered)
     if not found:
-        found = [list(m) for m in _BARE.findall(prompt)]
+        found = [list(m) for m in _BARE.findall(prompt) if not any(map(_is_request_word, m))]
     unique = {tuple(c) for c in found if len(set(c)) == 3 and all(_HANGUL_WORD.fullmatch(w) for w in c)}
     if len(unique) != 1 or not set(items) <= set(next(iter(unique))):
         return None

@@ -341,6 +341,10 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
         f"tokens; steps per run: " + ", ".join(
             f"{LABELS[t.model]} {read_marker(t.path).get('final_step')}"
             for t in tasks if t.kind == "train" and t.seed == seeds[0]) + f" (seed {seeds[0]}).",
+        "- DPO pairs: " + (f"`{config.data.preference_file}` (its split=train rows; split=validation for the "
+                           "DPO stage's validation)" if config.data.get("preference_file", "") else
+                           "the training data's own chosen/rejected passages (the shipped set: authored pairs)")
+        + "; the evaluation's preference accuracy below is on the evaluation prompts' pairs.",
         f"- Evaluation: {len(rows)} validation prompts; greedy plus {e.num_samples} sample(s) per prompt "
         f"(temperature {e.temperature}, top-p {e.top_p}), up to {e.max_new_tokens} new tokens; seeds {seeds}.",
         f"- Machine: {mach['cpu']}, {mach['cpu_count']} cores; JAX {mach['jax']} on {mach['backend']} "

@@ -2,6 +2,7 @@
 
   python scripts/evaluate.py --model=runs/dpo/model --output=evals/dpo
   python scripts/evaluate.py --model=gemma3-270m --keywords_file=my_keywords.jsonl --output=evals/base
+  python scripts/evaluate.py --model=runs/sft/model --heldout --num_samples=1 --output=evals/sft-heldout
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="DPO-shaped file (prompt, chosen, rejected, keywords); default: shipped validation split")
     src.add_argument("--keywords_file", help="JSONL with a 'keywords' list per line (prompts built from them)")
+    src.add_argument("--heldout", action="store_true",
+                     help="the shipped held-out-keyword prompts (keywords the training data never has)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompts")
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=256)
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
     try:
         if args.keywords_file:
             rows = evaluate.rows_from_keywords_file(args.keywords_file)
+        elif args.heldout:
+            rows = kwjax.data.load_heldout()
         else:
             rows = kwjax.data.shipped_or_file_rows(args.data, "dpo", "validation")
         if args.limit:

@@ -253,6 +253,8 @@ def test_formats_mixed_in_one_file(tmp_path):
     ("선착장에서의 설렘을 담은 글을 써 줘. 휘파람도 꼭 넣고.", None),
     ("Write a poem with sea, star, and dream.", None),
     ("짧은 시를 써 줘.", None),
+    ("시를 써 줘", None),  # three bare words, but a request: no keywords in it
+    ("바다 좀 써줘\n", None),
 ])
 def test_keywords_from_prompt(prompt, expected):
     assert keywords_from_prompt(prompt) == expected
@@ -267,6 +269,13 @@ def test_keyword_parser_on_the_shipped_rows():
     # fewer than three keywords as a list (e.g. "이별을 주제로 … '강물'과 '단추'").
     assert same >= 0.9 * len(rows), same
     assert wrong == []  # a miss is reported by load_records; a wrong triple would not be
+
+
+def test_keyword_parser_on_the_heldout_prompts():
+    from kwjax.data import load_heldout
+
+    rows = load_heldout()
+    assert [keywords_from_prompt(r["prompt"]) for r in rows] == [r["keywords"] for r in rows]
 
 
 def test_warning_once_per_file_when_keywords_are_missing(tmp_path, caplog):

@@ -31,7 +31,7 @@ __all__ = [
     "termination_rate", "generation_values", "generation_metrics",
     "ECHO_MIN_CHARS", "find_prompt_echo", "mask_prompt_echo", "Coverage", "keyword_coverage",
     "coverage_values", "coverage_summary",
-    "preference_wins", "preference_accuracy",
+    "preference_wins", "preference_accuracy", "reward_wins",
     "bootstrap_ci", "grouped_bootstrap_ci", "ratio_bootstrap_ci", "with_ci",
 ]
 
@@ -479,6 +479,23 @@ def preference_accuracy(
     if not wins.size:
         raise ValueError("no pairs")
     return float(wins.mean())
+
+
+def reward_wins(policy_chosen: Sequence[float], policy_rejected: Sequence[float],
+                reference_chosen: Sequence[float], reference_rejected: Sequence[float]) -> np.ndarray:
+    """Per pair, 1.0 where DPO's implicit reward prefers chosen strictly: (π_c − ref_c) − (π_r − ref_r) > 0.
+
+    Summed response log-probs (β > 0 scales the margin, not its sign), so this is TRL's
+    ``rewards/accuracies`` measured after training on any pairs, e.g. held-out ones; a tie is no win.
+    """
+    arrays = [np.asarray(a, dtype=float) for a in (policy_chosen, policy_rejected, reference_chosen,
+                                                    reference_rejected)]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(f"expected four 1-D arrays of one length, got shapes {[a.shape for a in arrays]}")
+    if any(np.isnan(a).any() for a in arrays):
+        raise ValueError("NaN log-prob")
+    pc, pr, rc, rr = arrays
+    return (((pc - rc) - (pr - rr)) > 0).astype(float)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from kwjax.metrics import distinct_n, seq_rep_n  # noqa: E402
 from kwjax.shortcuts import Audit, audit, pairs_of  # noqa: E402
 
 CARD = REPO / "data" / "CARD.md"
+ONPOLICY_PATH = REPO / "kwjax" / "data_files" / "keyword_literature_onpolicy.jsonl"
 BEGIN, END = "<!-- data_card:begin -->", "<!-- data_card:end -->"
 
 _SENT_END = re.compile(r"(?<=[.!?…])\s+")
@@ -171,6 +172,21 @@ def render() -> str:
         parts.append(f"{name} ({len(rs)} pairs):\n")
         parts.append(shortcut_table(a))
         parts.append(f"\n{best_line(a)}.\n")
+    if ONPOLICY_PATH.exists():
+        parts.append("\n### Shortcut audit of the on-policy set\n")
+        parts.append(f"`{ONPOLICY_PATH.relative_to(REPO)}` (`scripts/build_pairs.py`; rejected = a real output of "
+                     "the SFT model that fails a check, chosen = a passing output or the authored passage), "
+                     "the same features:\n")
+        recs = load_records(ONPOLICY_PATH, "dpo", keep=("split",))
+        for name, rs in (("All rows", recs), ("Train split", [r for r in recs if r.get("split") == "train"]),
+                         ("Validation split", [r for r in recs if r.get("split") == "validation"]),
+                         ("Held-out-keyword split", [r for r in recs if r.get("split") == "heldout"])):
+            if not rs:
+                continue
+            a = audit(pairs_of(rs))
+            parts.append(f"{name} ({len(rs)} pairs):\n")
+            parts.append(shortcut_table(a))
+            parts.append(f"\n{best_line(a)}.\n")
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -28,6 +28,7 @@ from kwjax.metrics import (
     keyword_coverage,
     mask_prompt_echo,
     preference_accuracy,
+    reward_wins,
     preference_wins,
     self_bleu,
     self_bleu_values,
@@ -334,3 +335,13 @@ def test_with_ci_drops_undefined_values():
     assert out["prompt_echo"] == grouped_bootstrap_ci([1.0, 0.0, 1.0], ["p1", "p1", "p2"])
     assert all(math.isnan(x) for x in out["never"])
     assert with_ci({"x": [1.0, 3.0]})["x"] == bootstrap_ci([1.0, 3.0])
+
+
+def test_reward_wins_hand_computed():
+    # pair 1: policy gains 2 on chosen, loses 1 on rejected vs reference: margin 3 > 0
+    # pair 2: both sides drop by 5: margin 0, a tie, no win; pair 3: chosen drops more: margin -2
+    wins = reward_wins([-8.0, -15.0, -12.0], [-11.0, -25.0, -20.0], [-10.0, -10.0, -10.0],
+                               [-10.0, -20.0, -20.0])
+    np.testing.assert_array_equal(wins, [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="NaN"):
+        reward_wins([np.nan], [0.0], [0.0], [0.0])

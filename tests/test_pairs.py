@@ -209,3 +209,11 @@ def test_fingerprints_follow_what_each_task_reads():
     assert experiment.eval_fingerprint(cfg, "sft") == experiment.eval_fingerprint(other, "sft")
     other.data.eval_file = "heldout.jsonl"  # other prompts: the base model's evaluation is another one
     assert experiment.eval_fingerprint(cfg, "base") != experiment.eval_fingerprint(other, "base")
+
+
+def test_pair_accuracy_script_names_a_missing_split(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(_pair("t1", "train"), ensure_ascii=False) + "\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pair_accuracy.py"), "--model=gemma3-270m",
+                        f"--pairs={path}", "--split=heldout"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "p.jsonl" in r.stderr and "no rows with split 'heldout'" in r.stderr, r.stderr

@@ -217,3 +217,23 @@ def test_pair_accuracy_script_names_a_missing_split(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "pair_accuracy.py"), "--model=gemma3-270m",
                         f"--pairs={path}", "--split=heldout"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "p.jsonl" in r.stderr and "no rows with split 'heldout'" in r.stderr, r.stderr
+
+
+def test_shipped_on_policy_set_has_no_single_feature_shortcut():
+    from kwjax import shortcuts
+
+    path = ROOT / "kwjax" / "data_files" / "keyword_literature_onpolicy.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    a = shortcuts.audit(shortcuts.pairs_of(rows))
+    # The authored set: one feature orders 174/175 pairs (data/CARD.md); the bar here is 70 %.
+    assert a.best.pairwise <= 0.70 and max(r.threshold for r in a.results) <= 0.70, a.best
+    for r in rows:
+        prov = r["provenance"]
+        assert prov["rejected_failures"] and set(prov["rejected_failures"]) <= set(pairs.FAILURES)
+        assert pairs.failures(prov["rejected_scores"], pairs.PairRules(**prov["rules"])) == prov["rejected_failures"]
+        if prov["chosen_from"] == "authored":
+            assert r["split"] in ("train", "validation")  # the held-out prompts have no authored passage
+        else:
+            assert pairs.failures(prov["chosen_scores"], pairs.PairRules(**prov["rules"])) == []
+    prompts = {r["prompt"] for r in rows if r["split"] == "train"}
+    assert not prompts & {r["prompt"] for r in rows if r["split"] != "train"}

@@ -129,25 +129,97 @@ def filter_logits(logits_BV: jax.Array, top_k: int, top_p: float, *,
     return logits_BV
 
 
+INVERSE_CDF_BLOCK = 512  # ids per block of the two-level inverse-CDF draw (262,144 = 512 x 512)
+REJECTION_ROUNDS = 32  # nucleus draws by rejection before the exact bisection takes the rows left
+
+
+def _cdf_blocks(p_BV: jax.Array):
+    """Block sums for `_pick`: the one pass over B x V an inverse-CDF draw needs (reusable across draws)."""
+    B, V = p_BV.shape
+    block = min(INVERSE_CDF_BLOCK, V)
+    p_BNK = jnp.pad(p_BV, ((0, 0), (0, (-V) % block))).reshape(B, -1, block)
+    mass_BN = p_BNK.sum(axis=-1)
+    last_block_B = jnp.max(jnp.where(mass_BN > 0, jnp.arange(mass_BN.shape[1]), 0), axis=-1)
+    return p_BNK, mass_BN, jnp.cumsum(mass_BN, axis=-1), last_block_B
+
+
+def _pick(blocks, keys_B: jax.Array) -> jax.Array:
+    """The id at which each row's cumulative mass passes its uniform draw: block first, then inside it."""
+    p_BNK, mass_BN, cum_BN, last_block_B = blocks
+    block = p_BNK.shape[-1]
+    u_B = jax.vmap(jax.random.uniform)(keys_B) * cum_BN[:, -1]
+    n_B = jnp.minimum(jnp.sum(cum_BN <= u_B[:, None], axis=-1), last_block_B)  # rounding: stay on mass
+    u_B = u_B - jnp.take_along_axis(cum_BN - mass_BN, n_B[:, None], axis=-1)[:, 0]
+    in_BK = jnp.take_along_axis(p_BNK, n_B[:, None, None], axis=1)[:, 0]
+    last_id_B = jnp.max(jnp.where(in_BK > 0, jnp.arange(block), 0), axis=-1)
+    k_B = jnp.minimum(jnp.sum(jnp.cumsum(in_BK, axis=-1) <= u_B[:, None], axis=-1), last_id_B)
+    return (n_B * block + k_B).astype(jnp.int32)
+
+
+def draw_inverse_cdf(p_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
+    """One id per row with probability `p_BV` (rows sum to ~1), from a single uniform per row.
+
+    The draw's block of `INVERSE_CDF_BLOCK` ids is found from the block sums, then the id inside it:
+    one pass over B x V, where `jax.random.categorical` makes B x V Gumbel numbers (on a CPU, at
+    evaluation's batch of 36, that took longer than the model's decode step). An id of zero
+    probability is never returned.
+    """
+    return _pick(_cdf_blocks(p_BV), keys_B)
+
+
+def _draw_filtered(logits_BV, keys_B) -> jax.Array:
+    return draw_inverse_cdf(jax.nn.softmax(logits_BV, axis=-1), keys_B)
+
+
 def _sample_full(logits_BV, keys_B, top_k: int, top_p: float) -> jax.Array:
-    """One draw per row from the filtered distribution over the whole vocabulary (B x V random bits)."""
-    filtered = filter_logits(logits_BV, top_k, top_p, candidates=None)
-    return jax.vmap(jax.random.categorical)(keys_B, filtered)
+    """One draw per row from the filtered distribution over the whole vocabulary (threshold by bisection)."""
+    return _draw_filtered(filter_logits(logits_BV, top_k, top_p, candidates=None), keys_B)
+
+
+def sample_nucleus_by_rejection(logits_BV: jax.Array, keys_B: jax.Array, top_p: float, *,
+                                rounds: int = REJECTION_ROUNDS) -> jax.Array:
+    """Exact nucleus draws without finding the nucleus: draw from the whole distribution and keep the
+    token when the mass of strictly more likely tokens is below `top_p` (the nucleus's definition;
+    ties with the crossing token are kept, as in `_nucleus_bisect`), else draw again.
+
+    A round keeps a row with probability equal to its nucleus's mass (>= top_p), so for top_p = 0.95 a
+    row needs 1.05 rounds on average, each one pass over the vocabulary, where bisection takes 32.
+    Rows still rejected after `rounds` (probability below (1 - top_p)^rounds) take the bisection's draw.
+    """
+    p_BV = jax.nn.softmax(logits_BV, axis=-1)
+    blocks = _cdf_blocks(p_BV)  # once: each round is then one pass (the mass above its draws)
+
+    def draw(r):
+        token_B = _pick(blocks, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, r))
+        l_B1 = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)
+        above_B = jnp.sum(jnp.where(logits_BV > l_B1, p_BV, 0.0), axis=-1)
+        return token_B, above_B < top_p
+
+    def body(state):
+        r, token_B, done_B = state
+        new_B, ok_B = draw(r)
+        return r + 1, jnp.where(done_B, token_B, new_B), done_B | ok_B
+
+    B = logits_BV.shape[0]
+    init = (jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+    _, token_B, done_B = jax.lax.while_loop(lambda s: (s[0] < rounds) & ~jnp.all(s[2]), body, init)
+    exact = lambda: _sample_full(logits_BV, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, rounds), 0,
+                                 top_p)
+    return jax.lax.cond(jnp.all(done_B), lambda: token_B, lambda: jnp.where(done_B, token_B, exact()))
 
 
 def sample_filtered(logits_BV, keys_B, top_k: int, top_p: float, *,
                     candidates: int = NUCLEUS_CANDIDATES) -> jax.Array:
     """One draw per row from the top-k / top-p filtered distribution of `logits_BV`.
 
-    The same distribution as `categorical(filter_logits(...))`, but drawn among the kept tokens only:
-    drawing over the whole 262k vocabulary costs B x V random numbers per step, which on a CPU took
-    longer than the model's decode step itself at evaluation's batch of 36. The kept tokens are a
-    prefix of the `candidates` most likely ones whenever those hold `top_p` of the mass (always, for
-    top-k alone with k <= candidates); rows of a step where they do not fall back to the full draw.
+    Same distribution as `categorical(filter_logits(...))`, with far less work over the vocabulary.
+    A row whose `candidates` most likely tokens hold `top_p` of the mass (always, for top-k alone
+    with k <= candidates) draws among them; the others draw by rejection
+    (`sample_nucleus_by_rejection`), computed only in steps where some row needs it.
     """
     vocab = logits_BV.shape[-1]
     if top_k <= 0 and top_p >= 1.0:
-        return jax.vmap(jax.random.categorical)(keys_B, logits_BV)  # plain temperature sampling
+        return _draw_filtered(logits_BV, keys_B)  # plain temperature sampling
     if top_k > candidates or min(candidates, vocab) == vocab:
         return _sample_full(logits_BV, keys_B, top_k, top_p)
     k = top_k if top_k > 0 else candidates
@@ -162,26 +234,40 @@ def sample_filtered(logits_BV, keys_B, top_k: int, top_p: float, *,
     fast_B = jnp.take_along_axis(ids_BK, pick_B[:, None], axis=-1)[:, 0]
     if top_k > 0:
         return fast_B
-    settled = jnp.all(p_BK.sum(axis=-1) >= top_p)
-    return jax.lax.cond(settled, lambda: fast_B, lambda: _sample_full(logits_BV, keys_B, top_k, top_p))
+    settled_B = p_BK.sum(axis=-1) >= top_p
+    slow = lambda: sample_nucleus_by_rejection(logits_BV, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, 1),
+                                               top_p)
+    return jax.lax.cond(jnp.all(settled_B), lambda: fast_B, lambda: jnp.where(settled_B, fast_B, slow()))
+
+
+def first_max(logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """First index of each row's maximum (as `argmax`) and the maximum, found block by block.
+
+    The max of each block of `INVERSE_CDF_BLOCK` ids, the first block holding the row's maximum, then
+    the first id inside that block: one plain reduction over B x V. XLA:CPU's `argmax` (a reduction
+    over (value, index) pairs), and a compare-and-min over the whole row, took 10x longer at batch 32.
+    """
+    B, V = logits_BV.shape
+    block = min(INVERSE_CDF_BLOCK, V)
+    x_BNK = jnp.pad(logits_BV, ((0, 0), (0, (-V) % block)), constant_values=-jnp.inf).reshape(B, -1, block)
+    blockmax_BN = jnp.max(x_BNK, axis=-1)
+    max_B1 = jnp.max(blockmax_BN, axis=-1, keepdims=True)
+    N = blockmax_BN.shape[1]
+    n_B = jnp.minimum(jnp.min(jnp.where(blockmax_BN == max_B1, jnp.arange(N), N), axis=-1), N - 1)
+    in_BK = jnp.take_along_axis(x_BNK, n_B[:, None, None], axis=1)[:, 0]
+    k_B = jnp.min(jnp.where(in_BK == max_B1, jnp.arange(block), block), axis=-1)
+    # A NaN row matches nothing: keep the id in range.
+    return jnp.minimum(n_B * block + k_B, V - 1).astype(jnp.int32), max_B1
 
 
 def choose(logits_BV, keys_B, cfg: SamplingConfig):
-    """Next token per row and its log-prob under the unmodified distribution.
-
-    Greedy takes the first index of the maximum as `argmax` does, but as a max and a min over plain
-    reductions: XLA:CPU runs argmax's (value, index) reduction over 262k entries ~10x slower.
-    """
-    max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
-    lse_B = max_B1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
+    """Next token per row and its log-prob under the unmodified distribution."""
     if cfg.greedy:
-        vocab = logits_BV.shape[-1]
-        ids_V = jnp.arange(vocab, dtype=jnp.int32)
-        token_B = jnp.min(jnp.where(logits_BV == max_B1, ids_V, vocab), axis=-1)
-        token_B = jnp.minimum(token_B, vocab - 1)  # a NaN row matches nothing: keep the id in range
+        token_B, max_B1 = first_max(logits_BV)
     else:
-        token_B = sample_filtered(logits_BV / cfg.temperature, keys_B, cfg.top_k, cfg.top_p)
-    token_B = token_B.astype(jnp.int32)
+        max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+        token_B = sample_filtered(logits_BV / cfg.temperature, keys_B, cfg.top_k, cfg.top_p).astype(jnp.int32)
+    lse_B = max_B1[:, 0] + jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
     return token_B, jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)[:, 0] - lse_B
 
 

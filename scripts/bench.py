@@ -1,6 +1,6 @@
 """Benchmarks, kwjax beside its peers on the same machine in one run. Results go to JSON and stdout.
 
-  python scripts/bench.py sampling [--batch=8 --new_tokens=128 --reps=3 --out=docs/bench_sampling.json]
+  python scripts/bench.py sampling [--batches=1,8,32,64 --modes=greedy,top_p --new_tokens=128 --reps=3 --out=...]
   python scripts/bench.py load     (peak host memory of loading the embedded model, per dtype)
   python scripts/bench.py train    [--steps=8 --warmup=2 --rounds=3 --output=docs/bench_train.json]
                                    (SFT and DPO optimizer steps, kwjax against TRL, alternating fresh processes)
@@ -47,6 +47,12 @@ def machine() -> dict:
 
 
 def bench_sampling(args) -> dict:
+    """kwjax's Sampler against transformers `generate` per (batch, mode), alternating on the same prompts.
+
+    Every row generates exactly `new_tokens` (stop tokens disabled on both sides), so a cell's tokens/s is
+    batch x new_tokens over its median wall time. top-p is 0.95 at temperature 1 with no top-k on both
+    sides (transformers' default top_k=50 is switched off: it would be a smaller filter than kwjax's).
+    """
     import jax
     import jax.numpy as jnp
     import torch
@@ -59,59 +65,107 @@ def bench_sampling(args) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = kwjax.load("gemma3-270m", dtype=args.dtype)
     tok = model.tokenizer
-    prompts = [tok.encode(p, add_bos=True) for p in (PROMPTS * 4)[:args.batch]]
-    sampler = Sampler(model, batch_size=args.batch)
-    sampler.stop_ids = (-1,)  # never stop early: both sides generate exactly new_tokens per row
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True)
-
     path = embedded_gguf_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    if args.dtype in ("bfloat16", "bf16"):
-        hf = hf.to(torch.bfloat16)
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    hf = None
+    if not args.no_peer:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+        if args.dtype in ("bfloat16", "bf16"):
+            hf = hf.to(torch.bfloat16)
+    batches = [int(b) for b in str(args.batches or args.batch).split(",")]
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - {"greedy", "top_p"})
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; expected greedy and/or top_p")
+    cells, n = [], args.new_tokens
+    for batch in batches:
+        prompts = [tok.encode(p, add_bos=True) for p in (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]]
+        sampler = Sampler(model, batch_size=batch)
+        sampler.stop_ids = (-1,)  # never stop early: both sides generate exactly new_tokens per row
+        width = max(map(len, prompts))
+        ids = torch.zeros((batch, width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        for mode in modes:
+            greedy = mode == "greedy"
+            cfg = SamplingConfig(max_new_tokens=n, greedy=greedy, top_p=1.0 if greedy else 0.95)
+            hf_kw = dict(do_sample=False) if greedy else dict(do_sample=True, top_p=0.95, top_k=0, temperature=1.0)
 
-    def run_kwjax():
-        out = sampler.generate(prompts, cfg)
-        assert all(len(s.tokens) == args.new_tokens for s in out)
+            def run_kwjax(cfg=cfg):
+                out = sampler.generate(prompts, cfg)
+                assert all(len(s.tokens) == n for s in out)
 
-    def run_hf():
-        with torch.no_grad():
-            out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, pad_token_id=0)
-        assert out.shape[1] - width == args.new_tokens
+            def run_hf(hf_kw=hf_kw):
+                with torch.no_grad():
+                    out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                                      **hf_kw)
+                assert out.shape[1] - width == n
 
-    t = time.perf_counter(); run_kwjax(); compile_s = time.perf_counter() - t
-    run_hf()  # warm-up
-    times = {"kwjax": [], "transformers": []}
-    for _ in range(args.reps):  # alternate, so drift in machine load hits both alike
-        for name, fn in (("kwjax", run_kwjax), ("transformers", run_hf)):
-            t = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t)
-    # Where kwjax's time goes: a call that stops after the prompt's first token (prefill + host work),
-    # the per-token decode step, and the floor a decode step cannot beat on this machine: streaming
-    # the embedding once (the vocabulary projection reads all of it every step).
-    # (`_time` runs each once untimed first: the 1-token call has its own cache length, so it compiles.)
-    _, one_token_s = _time(sampler.generate, prompts, SamplingConfig(max_new_tokens=1, greedy=True), reps=args.reps)
+            t = time.perf_counter(); run_kwjax(); compile_s = time.perf_counter() - t
+            fns = [("kwjax", run_kwjax)]
+            if hf is not None:
+                run_hf()  # warm-up
+                fns.append(("transformers", run_hf))
+            times = {name: [] for name, _ in fns}
+            for _ in range(args.reps):  # alternate, so drift in machine load hits both alike
+                for name, fn in fns:
+                    t = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t)
+            # The per-token decode step: the same call stopped after its first token (prefill + host work;
+            # `_time`'s untimed first call compiles its own cache length) subtracted from the full call.
+            _, one_token_s = _time(sampler.generate, prompts, dataclasses.replace(cfg, max_new_tokens=1),
+                                   reps=args.reps)
+            cell = {"batch": batch, "mode": mode, "kwjax_first_call_s (compile + run)": round(compile_s, 2),
+                    "kwjax_one_token_call_s": round(one_token_s, 3),
+                    "kwjax_decode_step_ms": round((statistics.median(times["kwjax"]) - one_token_s) / (n - 1) * 1e3, 2)}
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                cell[name] = {"median_s": round(med, 3), "runs_s": [round(x, 3) for x in ts],
+                              "tokens_per_s": round(batch * n / med, 1)}
+            if "transformers" in cell:
+                cell["speedup"] = round(cell["kwjax"]["tokens_per_s"] / cell["transformers"]["tokens_per_s"], 2)
+            print(json.dumps(cell), file=sys.stderr, flush=True)
+            cells.append(cell)
     embedding = model.params["embedding"]
     _, stream_s = _time(jax.jit(lambda e: jnp.sum(e.astype(jnp.float32))), embedding, reps=max(5, args.reps))
-    tokens = args.batch * args.new_tokens
-    result = {"workload": f"Gemma 3 270M {args.dtype}, greedy, batch {args.batch}, {args.new_tokens} new tokens",
-              "kwjax_first_call_s (compile + run)": round(compile_s, 2),
-              "kwjax_one_token_call_s": round(one_token_s, 3),
-              "kwjax_decode_step_ms": round((statistics.median(times["kwjax"]) - one_token_s)
-                                            / (args.new_tokens - 1) * 1e3, 2),
-              "stream_embedding_ms (jnp.sum over it)": round(stream_s * 1e3, 2),
-              "stream_GB_per_s": round(embedding.nbytes / stream_s / 1e9, 1)}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        result[name] = {"median_s": round(med, 3), "runs_s": [round(x, 3) for x in ts],
-                        "tokens_per_s": round(tokens / med, 1)}
-    result["speedup"] = round(result["kwjax"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 2)
-    return result
+    return {"workload": f"Gemma 3 270M {args.dtype}, batches {batches}, modes {modes}, {n} new tokens per row",
+            "cells": cells, "summary": sampling_summary(cells),
+            "stream_embedding_ms (jnp.sum over it)": round(stream_s * 1e3, 2),
+            "stream_GB_per_s": round(embedding.nbytes / stream_s / 1e9, 1)}
+
+
+def sampling_summary(cells: list[dict]) -> dict:
+    """The issue's ratios from one run's cells: throughput at a batch over batch 8, kwjax over
+    transformers, top-p time over greedy time at the same batch."""
+    by = {(c["batch"], c["mode"]): c for c in cells}
+    out: dict = {}
+    for (batch, mode), c in sorted(by.items()):
+        row = {}
+        if (8, mode) in by and batch != 8:
+            row["kwjax_tokens_per_s_over_batch_8"] = round(
+                c["kwjax"]["tokens_per_s"] / by[(8, mode)]["kwjax"]["tokens_per_s"], 2)
+        if "speedup" in c:
+            row["kwjax_over_transformers"] = c["speedup"]
+        if mode == "top_p" and (batch, "greedy") in by:
+            row["kwjax_top_p_time_over_greedy"] = round(
+                c["kwjax"]["median_s"] / by[(batch, "greedy")]["kwjax"]["median_s"], 2)
+            if "transformers" in c:
+                row["transformers_top_p_time_over_greedy"] = round(
+                    c["transformers"]["median_s"] / by[(batch, "greedy")]["transformers"]["median_s"], 2)
+        out[f"batch {batch} {mode}"] = row
+    return out
+
+
+def sampling_table(result: dict) -> str:
+    lines = ["| batch | mode | kwjax tokens/s | transformers tokens/s | kwjax ÷ transformers | kwjax decode step ms "
+             "| kwjax ÷ its batch 8 | top-p ÷ greedy time (kwjax) |", "| --- " * 8 + "|"]
+    for c in result["cells"]:
+        s = result["summary"][f"batch {c['batch']} {c['mode']}"]
+        hf = c.get("transformers", {}).get("tokens_per_s", "")
+        lines.append(f"| {c['batch']} | {c['mode']} | {c['kwjax']['tokens_per_s']} | {hf} | {c.get('speedup', '')} "
+                     f"| {c['kwjax_decode_step_ms']} | {s.get('kwjax_tokens_per_s_over_batch_8', '')} "
+                     f"| {s.get('kwjax_top_p_time_over_greedy', '')} |")
+    return "\n".join(lines)
 
 
 def bench_load(args) -> dict:
@@ -1090,7 +1144,10 @@ def bench_padding(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["sampling", "load", "train", "matmul", "profile", "mfu", "padding", "worker"])
-    p.add_argument("--batch", type=int, default=None, help="sampling: prompts (8); mfu: examples or pairs (4)")
+    p.add_argument("--batch", type=int, default=None, help="mfu: examples or pairs (4); sampling: = --batches=N")
+    p.add_argument("--batches", default="", help="sampling: prompts per batch, comma-separated (1,8,32,64)")
+    p.add_argument("--modes", default="greedy,top_p", help="sampling: greedy and/or top_p (0.95, temperature 1)")
+    p.add_argument("--no_peer", action="store_true", help="sampling: kwjax only (no transformers)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=None,
                    help="sampling: alternating runs (3); profile: timed calls per part (3); matmul: timed calls (20)")
@@ -1131,6 +1188,8 @@ def main() -> None:
     args = p.parse_args()
     if args.reps is None:
         args.reps = 20 if args.what == "matmul" else 3
+    if args.what == "sampling" and not args.batches:
+        args.batches = str(args.batch) if args.batch else "1,8,32,64"
     if args.batch is None:
         args.batch = 4 if args.what == "mfu" else 8
     if args.dtype is None:
@@ -1148,6 +1207,8 @@ def main() -> None:
         print("\n" + train_table(result["train"]))
     elif args.what == "profile":
         print("\n" + profile_table(result["profile"]))
+    elif args.what == "sampling":
+        print("\n" + sampling_table(result["sampling"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")

@@ -91,6 +91,67 @@ def test_draws_follow_the_filtered_distribution(scale, top_k, top_p):
     assert np.all(np.abs(freq - p_ref) <= 5 * np.sqrt(p_ref * (1 - p_ref) / n) + 1e-9)
 
 
+def _frequencies(fn, rows_RV: np.ndarray, n: int, seed: int = 7) -> np.ndarray:
+    """Per-row draw frequencies of `fn(logits or probs, keys)` over `n` keys per row (each row's
+    copies share a batch with the other rows' copies)."""
+    R, V = rows_RV.shape
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(n * R))
+    draws = np.asarray(jax.jit(fn)(jnp.asarray(np.tile(rows_RV, (n, 1))), keys)).reshape(n, R)
+    return np.stack([np.bincount(draws[:, r], minlength=V) / n for r in range(R)])
+
+
+def _within_5_sigma(freq: np.ndarray, p: np.ndarray, n: int) -> bool:
+    """Binomial 5 sigma, plus 3 draws of slack: over hundreds of ids of probability ~1e-6, one chance
+    draw is ~10 sigma of a normal approximation that does not hold there."""
+    return bool(np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 3 / n))
+
+
+def test_inverse_cdf_draw_follows_probabilities_and_skips_zeros():
+    """1000 ids (two blocks of 512, the second padded), a fifth of them impossible: 20 000 draws per row
+    against the probabilities, nothing ever drawn at probability 0 (including the padding)."""
+    from kwjax.sampling import draw_inverse_cdf
+
+    rng = np.random.default_rng(4)
+    p = rng.gamma(0.3, size=(2, 1000))
+    p[:, rng.permutation(1000)[:200]] = 0.0
+    p[1, 600:] = 0.0  # the second row's mass ends inside the first block of the padded one
+    p /= p.sum(axis=1, keepdims=True)
+    n = 20_000
+    freq = _frequencies(draw_inverse_cdf, p.astype(np.float32), n)
+    assert freq[p == 0].sum() == 0
+    assert _within_5_sigma(freq, p, n)
+
+
+@pytest.mark.parametrize("rounds", [32, 0])
+def test_rejection_nucleus_follows_each_rows_filtered_distribution(rounds):
+    """A flat row (nucleus ~90 % of 64 ids) and a peaked one in the same batch, drawn by rejection
+    (`rounds=0`: every row by the exact bisection fallback), each against the sorted numpy reference."""
+    from kwjax.sampling import sample_nucleus_by_rejection
+
+    rng = np.random.default_rng(5)
+    rows = np.stack([rng.normal(size=64) * 0.05, rng.normal(size=64) * 3.0]).astype(np.float32)
+    ref = numpy_filter(rows, 0, 0.9)
+    p_ref = np.where(np.isfinite(ref), np.exp(np.where(np.isfinite(ref), ref, 0) - rows.max(1, keepdims=True)), 0)
+    p_ref /= p_ref.sum(axis=1, keepdims=True)
+    assert (p_ref > 0).sum(1)[0] > 40 and (p_ref > 0).sum(1)[1] < 20
+    n = 20_000
+    freq = _frequencies(lambda l, k: sample_nucleus_by_rejection(l, k, 0.9, rounds=rounds), rows, n)
+    assert freq[p_ref == 0].sum() == 0
+    assert _within_5_sigma(freq, p_ref, n)
+
+
+def test_temperature_sampling_follows_the_softmax():
+    """No filter: the plain tempered distribution (drawn by inverse CDF over the whole vocabulary)."""
+    from kwjax.sampling import choose
+
+    row = (np.random.default_rng(6).normal(size=(1, 64)) * 2).astype(np.float32)
+    cfg = SamplingConfig(temperature=1.5)
+    n = 20_000
+    freq = _frequencies(lambda l, k: choose(l, k, cfg)[0], row, n)
+    p = np.exp(row[0] / 1.5 - (row[0] / 1.5).max())
+    assert _within_5_sigma(freq[0], p / p.sum(), n)
+
+
 def test_top_k_one_equals_greedy(tiny_model):
     sampler = Sampler(tiny_model, batch_size=4)
     greedy = sampler.generate(PROMPTS, SamplingConfig(12, greedy=True))
@@ -177,3 +238,20 @@ def test_greedy_choice_is_first_maximum_with_exact_logprob():
     np.testing.assert_array_equal(np.asarray(token), want_tok)
     assert want_tok[1] == 7 and want_tok[2] == 0 and want_tok[3] == 49
     chex.assert_trees_all_close(np.asarray(logp, np.float64), log_softmax[np.arange(6), want_tok], atol=1e-5)
+
+
+def test_first_max_across_blocks_matches_numpy_argmax():
+    """1300 ids (three blocks of 512, the last padded): ties inside a block, across blocks, at the
+    last id, an all-equal row and an all -inf row give numpy's first index of the maximum."""
+    from kwjax.sampling import first_max
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 1300)).astype(np.float32)
+    x[0, [700, 1200]] = 9.0  # tie across blocks: the earlier one
+    x[1, [513, 600]] = 9.0  # tie inside the second block
+    x[2, 1299] = 9.0  # the last real id, beside the padding
+    x[3, :] = -1.5
+    x[4, :] = -np.inf
+    token, top = first_max(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(token), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(top)[:, 0], x.max(axis=-1))

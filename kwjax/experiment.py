@@ -28,6 +28,7 @@ from typing import Callable
 
 import jax
 
+from kwjax import compiles
 from kwjax import data as datalib
 from kwjax import evaluate as evallib
 from kwjax import memory
@@ -161,6 +162,7 @@ def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
     _mark(task, fp, finished=False)
     t0 = time.time()
     memory.reset_peak()
+    compiled = compiles.Counter.start()
     # sft_dpo: DPO from this seed's finished SFT model, which is also its reference (as in the write-up)
     chain = stages.experiment_layout(method, workdir_seed / "train")
     summary = stages.run_chain(config, chain, resume=True, progress=progress)[chain[-1].method]
@@ -168,7 +170,7 @@ def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
         raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
                                 "is saved and a rerun of the experiment resumes it")
     _mark(task, fp, finished=True, final_step=summary["final_step"], seconds=round(time.time() - t0, 1),
-          peak_rss_mib=memory.peak_mib(), timings=summary.get("timings"))
+          peak_rss_mib=memory.peak_mib(), timings={**(summary.get("timings") or {}), **compiled.as_timings()})
 
 
 def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress: bool) -> None:
@@ -180,6 +182,7 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
     _mark(task, fp, finished=False)
     t0 = time.time()
     memory.reset_peak()
+    compiled = compiles.Counter.start()
     if task.model == "base":
         model = stages.load_model(config)
     else:
@@ -187,7 +190,7 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
     loaded = round(time.time() - t0, 2)
     result = evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
     _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1), peak_rss_mib=memory.peak_mib(),
-          timings={"load": loaded, **result.get("timings", {})})
+          timings={"load": loaded, **result.get("timings", {}), **compiled.as_timings()})
 
 
 def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,

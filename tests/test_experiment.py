@@ -168,6 +168,9 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert not any(t["reused"] for t in record["tasks"])
     # Each task's peak holds at least the JAX runtime and the tiny model (a process is > 100 MiB).
     assert all(t["peak_rss_mib"] > 100 for t in record["tasks"]), record["tasks"]
+    # Each task counts the XLA programs it compiled; the first has nothing cached to reuse.
+    assert all(t["timings"]["xla_compiles"] >= 0 for t in record["tasks"])
+    assert record["tasks"][0]["timings"]["xla_compiles"] >= 1 and record["tasks"][0]["timings"]["xla_compile_s"] > 0
     top = max(record["tasks"], key=lambda t: t["peak_rss_mib"])
     assert f"- Peak resident memory: {top['peak_rss_mib'] / 1024:.1f} GiB ({top['kind']}" in text
 

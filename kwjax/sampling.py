@@ -133,24 +133,26 @@ INVERSE_CDF_BLOCK = 512  # ids per block of the two-level inverse-CDF draw (262,
 REJECTION_ROUNDS = 32  # nucleus draws by rejection before the exact bisection takes the rows left
 
 
-def _cdf_blocks(p_BV: jax.Array):
-    """Block sums for `_pick`: the one pass over B x V an inverse-CDF draw needs (reusable across draws)."""
-    B, V = p_BV.shape
+def _cdf_blocks(logits_BV: jax.Array, lse_B1: jax.Array):
+    """Block masses for `_pick`, from the logits and their logsumexp: the one pass over B x V an
+    inverse-CDF draw needs, reusable across draws. Probabilities are never stored for the whole
+    vocabulary: at batch 32 and more B x V floats leave the cache, and each pass then reads memory."""
+    B, V = logits_BV.shape
     block = min(INVERSE_CDF_BLOCK, V)
-    p_BNK = jnp.pad(p_BV, ((0, 0), (0, (-V) % block))).reshape(B, -1, block)
-    mass_BN = p_BNK.sum(axis=-1)
+    x_BNK = jnp.pad(logits_BV, ((0, 0), (0, (-V) % block)), constant_values=-jnp.inf).reshape(B, -1, block)
+    mass_BN = jnp.sum(jnp.exp(x_BNK - lse_B1[:, :, None]), axis=-1)
     last_block_B = jnp.max(jnp.where(mass_BN > 0, jnp.arange(mass_BN.shape[1]), 0), axis=-1)
-    return p_BNK, mass_BN, jnp.cumsum(mass_BN, axis=-1), last_block_B
+    return x_BNK, lse_B1, mass_BN, jnp.cumsum(mass_BN, axis=-1), last_block_B
 
 
 def _pick(blocks, keys_B: jax.Array) -> jax.Array:
     """The id at which each row's cumulative mass passes its uniform draw: block first, then inside it."""
-    p_BNK, mass_BN, cum_BN, last_block_B = blocks
-    block = p_BNK.shape[-1]
+    x_BNK, lse_B1, mass_BN, cum_BN, last_block_B = blocks
+    block = x_BNK.shape[-1]
     u_B = jax.vmap(jax.random.uniform)(keys_B) * cum_BN[:, -1]
     n_B = jnp.minimum(jnp.sum(cum_BN <= u_B[:, None], axis=-1), last_block_B)  # rounding: stay on mass
     u_B = u_B - jnp.take_along_axis(cum_BN - mass_BN, n_B[:, None], axis=-1)[:, 0]
-    in_BK = jnp.take_along_axis(p_BNK, n_B[:, None, None], axis=1)[:, 0]
+    in_BK = jnp.exp(jnp.take_along_axis(x_BNK, n_B[:, None, None], axis=1)[:, 0] - lse_B1)
     last_id_B = jnp.max(jnp.where(in_BK > 0, jnp.arange(block), 0), axis=-1)
     k_B = jnp.minimum(jnp.sum(jnp.cumsum(in_BK, axis=-1) <= u_B[:, None], axis=-1), last_id_B)
     return (n_B * block + k_B).astype(jnp.int32)
@@ -164,11 +166,13 @@ def draw_inverse_cdf(p_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
     evaluation's batch of 36, that took longer than the model's decode step). An id of zero
     probability is never returned.
     """
-    return _pick(_cdf_blocks(p_BV), keys_B)
+    return _draw_filtered(jnp.log(p_BV), keys_B, jnp.zeros((p_BV.shape[0], 1), p_BV.dtype))
 
 
-def _draw_filtered(logits_BV, keys_B) -> jax.Array:
-    return draw_inverse_cdf(jax.nn.softmax(logits_BV, axis=-1), keys_B)
+def _draw_filtered(logits_BV, keys_B, lse_B1=None) -> jax.Array:
+    if lse_B1 is None:
+        lse_B1 = jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True)
+    return _pick(_cdf_blocks(logits_BV, lse_B1), keys_B)
 
 
 def _sample_full(logits_BV, keys_B, top_k: int, top_p: float) -> jax.Array:
@@ -177,7 +181,7 @@ def _sample_full(logits_BV, keys_B, top_k: int, top_p: float) -> jax.Array:
 
 
 def sample_nucleus_by_rejection(logits_BV: jax.Array, keys_B: jax.Array, top_p: float, *,
-                                rounds: int = REJECTION_ROUNDS) -> jax.Array:
+                                rounds: int = REJECTION_ROUNDS, lse_B1: jax.Array | None = None) -> jax.Array:
     """Exact nucleus draws without finding the nucleus: draw from the whole distribution and keep the
     token when the mass of strictly more likely tokens is below `top_p` (the nucleus's definition;
     ties with the crossing token are kept, as in `_nucleus_bisect`), else draw again.
@@ -186,13 +190,14 @@ def sample_nucleus_by_rejection(logits_BV: jax.Array, keys_B: jax.Array, top_p: 
     row needs 1.05 rounds on average, each one pass over the vocabulary, where bisection takes 32.
     Rows still rejected after `rounds` (probability below (1 - top_p)^rounds) take the bisection's draw.
     """
-    p_BV = jax.nn.softmax(logits_BV, axis=-1)
-    blocks = _cdf_blocks(p_BV)  # once: each round is then one pass (the mass above its draws)
+    if lse_B1 is None:
+        lse_B1 = jax.nn.logsumexp(logits_BV, axis=-1, keepdims=True)
+    blocks = _cdf_blocks(logits_BV, lse_B1)  # once: each round is then one pass (the mass above its draws)
 
     def draw(r):
         token_B = _pick(blocks, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, r))
         l_B1 = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)
-        above_B = jnp.sum(jnp.where(logits_BV > l_B1, p_BV, 0.0), axis=-1)
+        above_B = jnp.sum(jnp.where(logits_BV > l_B1, jnp.exp(logits_BV - lse_B1), 0.0), axis=-1)
         return token_B, above_B < top_p
 
     def body(state):
@@ -236,7 +241,7 @@ def sample_filtered(logits_BV, keys_B, top_k: int, top_p: float, *,
         return fast_B
     settled_B = p_BK.sum(axis=-1) >= top_p
     slow = lambda: sample_nucleus_by_rejection(logits_BV, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, 1),
-                                               top_p)
+                                               top_p, lse_B1=lse_B1)
     return jax.lax.cond(jnp.all(settled_B), lambda: fast_B, lambda: jnp.where(settled_B, fast_B, slow()))
 
 

@@ -194,8 +194,11 @@ def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress
 
 
 def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,
-        on_task: Callable[[int, int, Task], None] | None = None) -> Path:
-    """Runs (or finishes) every task, then writes the report; returns the report's path."""
+        on_task: Callable[[int, int, Task], None] | None = None, command: str | None = None) -> Path:
+    """Runs (or finishes) every task, then writes the report; returns the report's path.
+
+    `command`: the command line that ran it, recorded in experiment.json and quoted by the report as
+    the way to reproduce it (flags and all); the last invocation's is kept."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows = datalib.validation_rows(config, "dpo", config.eval.limit)
@@ -217,15 +220,16 @@ def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str |
             done = read_marker(task.path)
             task.seconds, task.peak_rss_mib = float(done["seconds"]), done.get("peak_rss_mib")
             task.timings = done.get("timings")
-        _write_record(record_path, config, tasks, started)
-    record = _write_record(record_path, config, tasks, started)
+        _write_record(record_path, config, tasks, started, command)
+    record = _write_record(record_path, config, tasks, started, command)
     out = Path(report_dir) if report_dir else workdir / "report"
     return reportlib.write(config, workdir, tasks, rows, out, record)
 
 
-def _write_record(path: Path, config, tasks: list[Task], started: float) -> dict:
+def _write_record(path: Path, config, tasks: list[Task], started: float, command: str | None = None) -> dict:
     previous = json.loads(path.read_text()) if path.is_file() else {}
     record = {
+        "command": command or previous.get("command"),
         "config": json.loads(config.to_json_best_effort()),
         "machine": previous.get("machine") or machine(),
         "tasks": [{"kind": t.kind, "model": t.model, "seed": t.seed, "path": str(t.path), "seconds": t.seconds,

@@ -354,6 +354,7 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
            f"{_minutes(record['wall_seconds_this_invocation'])})" if any(t.reused for t in tasks) else "")
         + "; per task in `experiment.json`.",
         *_peak_line(tasks),
+        f"- Reproduce: `{record['command']}`" if record.get("command") else
         f"- Reproduce: `python scripts/experiment.py --config=configs/{config.experiment.name}.py`" if
         config.experiment.name in ("quick", "tiny") else
         "- Reproduce: `python scripts/experiment.py --config=configs/experiment.py`",

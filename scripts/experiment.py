@@ -11,6 +11,7 @@ interrupted training run from its checkpoint); the report lands in WORKDIR/repor
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,8 @@ def main(argv) -> int:
               f"[{(time.time() - started) / 60:.1f} min so far]", file=sys.stderr, flush=True)
 
     try:
-        report = experiment.run(config, workdir, report_dir=_REPORT_DIR.value, on_task=announce)
+        command = " ".join(["python", "scripts/experiment.py", *map(shlex.quote, sys.argv[1:])])
+        report = experiment.run(config, workdir, report_dir=_REPORT_DIR.value, on_task=announce, command=command)
     except (experiment.ExperimentError, TrainingError, DataError, SamplingError, WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -162,6 +162,9 @@ def test_tiny_experiment_end_to_end(tmp_path):
         data = (rep / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     record = json.loads((workdir / "experiment.json").read_text())
+    # The report's way to reproduce it is the command that ran it, flags and all.
+    assert record["command"] == f"python scripts/experiment.py --preset=tiny --workdir={workdir}"
+    assert f"- Reproduce: `{record['command']}`" in text
     kinds = [(t["kind"], t["model"]) for t in record["tasks"]]
     assert kinds == [("eval", "base"), ("train", "sft"), ("eval", "sft"), ("train", "dpo"), ("eval", "dpo"),
                      ("train", "sft_dpo"), ("eval", "sft_dpo")]

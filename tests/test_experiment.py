@@ -204,3 +204,18 @@ def test_tiny_experiment_end_to_end(tmp_path):
     changed = run_cli(workdir, "--config.dpo.beta=0.3")
     assert changed.returncode == 2
     assert "holds results made with other settings" in changed.stderr and "train/dpo" in changed.stderr
+
+
+def test_recorded_command_words_split_back_to_the_arguments():
+    """The report's command, pasted into a shell, passes the same arguments (tuple overrides included)."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("experiment_script", ROOT / "scripts" / "experiment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--preset=quick", "--config.experiment.methods=('sft','sft_dpo')", "--workdir=/tmp/a b",
+            'a"b$c', "it's"]
+    words = [script._shell_word(a) for a in args]
+    assert shlex.split(" ".join(words)) == args
+    assert words[1] == "\"--config.experiment.methods=('sft','sft_dpo')\""

@@ -133,13 +133,23 @@ INVERSE_CDF_BLOCK = 512  # ids per block of the two-level inverse-CDF draw (262,
 REJECTION_ROUNDS = 32  # nucleus draws by rejection before the exact bisection takes the rows left
 
 
+def _in_blocks(logits_BV: jax.Array) -> jax.Array:
+    """[B, N, K] view of the logits in blocks of `INVERSE_CDF_BLOCK` ids, the last padded with -inf."""
+    B, V = logits_BV.shape
+    block = min(INVERSE_CDF_BLOCK, V)
+    return jnp.pad(logits_BV, ((0, 0), (0, (-V) % block)), constant_values=-jnp.inf).reshape(B, -1, block)
+
+
+def _fold_rows(keys_B: jax.Array, i) -> jax.Array:
+    """Each row's key folded with the same `i` (a step, a round): rows keep independent streams."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, i)
+
+
 def _cdf_blocks(logits_BV: jax.Array, lse_B1: jax.Array):
     """Block masses for `_pick`, from the logits and their logsumexp: the one pass over B x V an
     inverse-CDF draw needs, reusable across draws. Probabilities are never stored for the whole
     vocabulary: at batch 32 and more B x V floats leave the cache, and each pass then reads memory."""
-    B, V = logits_BV.shape
-    block = min(INVERSE_CDF_BLOCK, V)
-    x_BNK = jnp.pad(logits_BV, ((0, 0), (0, (-V) % block)), constant_values=-jnp.inf).reshape(B, -1, block)
+    x_BNK = _in_blocks(logits_BV)
     mass_BN = jnp.sum(jnp.exp(x_BNK - lse_B1[:, :, None]), axis=-1)
     last_block_B = jnp.max(jnp.where(mass_BN > 0, jnp.arange(mass_BN.shape[1]), 0), axis=-1)
     return x_BNK, lse_B1, mass_BN, jnp.cumsum(mass_BN, axis=-1), last_block_B
@@ -195,7 +205,7 @@ def sample_nucleus_by_rejection(logits_BV: jax.Array, keys_B: jax.Array, top_p: 
     blocks = _cdf_blocks(logits_BV, lse_B1)  # once: each round is then one pass (the mass above its draws)
 
     def draw(r):
-        token_B = _pick(blocks, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, r))
+        token_B = _pick(blocks, _fold_rows(keys_B, r))
         l_B1 = jnp.take_along_axis(logits_BV, token_B[:, None], axis=-1)
         above_B = jnp.sum(jnp.where(logits_BV > l_B1, jnp.exp(logits_BV - lse_B1), 0.0), axis=-1)
         return token_B, above_B < top_p
@@ -208,8 +218,7 @@ def sample_nucleus_by_rejection(logits_BV: jax.Array, keys_B: jax.Array, top_p: 
     B = logits_BV.shape[0]
     init = (jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
     _, token_B, done_B = jax.lax.while_loop(lambda s: (s[0] < rounds) & ~jnp.all(s[2]), body, init)
-    exact = lambda: _sample_full(logits_BV, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, rounds), 0,
-                                 top_p)
+    exact = lambda: _sample_full(logits_BV, _fold_rows(keys_B, rounds), 0, top_p)
     return jax.lax.cond(jnp.all(done_B), lambda: token_B, lambda: jnp.where(done_B, token_B, exact()))
 
 
@@ -240,8 +249,7 @@ def sample_filtered(logits_BV, keys_B, top_k: int, top_p: float, *,
     if top_k > 0:
         return fast_B
     settled_B = p_BK.sum(axis=-1) >= top_p
-    slow = lambda: sample_nucleus_by_rejection(logits_BV, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, 1),
-                                               top_p, lse_B1=lse_B1)
+    slow = lambda: sample_nucleus_by_rejection(logits_BV, _fold_rows(keys_B, 1), top_p, lse_B1=lse_B1)
     return jax.lax.cond(jnp.all(settled_B), lambda: fast_B, lambda: jnp.where(settled_B, fast_B, slow()))
 
 
@@ -252,9 +260,9 @@ def first_max(logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
     the first id inside that block: one plain reduction over B x V. XLA:CPU's `argmax` (a reduction
     over (value, index) pairs), and a compare-and-min over the whole row, took 10x longer at batch 32.
     """
-    B, V = logits_BV.shape
-    block = min(INVERSE_CDF_BLOCK, V)
-    x_BNK = jnp.pad(logits_BV, ((0, 0), (0, (-V) % block)), constant_values=-jnp.inf).reshape(B, -1, block)
+    V = logits_BV.shape[-1]
+    x_BNK = _in_blocks(logits_BV)
+    block = x_BNK.shape[-1]
     blockmax_BN = jnp.max(x_BNK, axis=-1)
     max_B1 = jnp.max(blockmax_BN, axis=-1, keepdims=True)
     N = blockmax_BN.shape[1]
@@ -296,7 +304,7 @@ def _generate(module: Gemma3, cfg: SamplingConfig, cache_len: int, params, token
 
     def emit(step, logits_BV, out_BN, logp_BN, done_B, stopped_B):
         """Chooses and records token `step` of every row still going."""
-        keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, step)
+        keys_B = _fold_rows(row_keys_B, step)
         token_B, logp_B = choose(logits_BV, keys_B, cfg)
         token_B = jnp.where(done_B, 0, token_B)
         out_BN = out_BN.at[:, step].set(token_B)

@@ -1,4 +1,5 @@
-"""What the scripts share: checking `--config.KEY=VALUE` overrides before absl parses them.
+"""What the scripts share: checking `--config.KEY=VALUE` overrides before absl parses them, and
+writing down the command line a result came from.
 
 ml_collections reports a mistyped key (`--config.dpo.bta=0.2`) as an AttributeError traceback from
 inside its flag parser. The scripts call `check_overrides(argv)` first, so the user gets one line
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import runpy
+import shlex
 import sys
 from pathlib import Path
 
@@ -69,3 +71,16 @@ def check_overrides(argv: list[str], flag: str = "config", default: str | None =
     if message:
         print(message, file=sys.stderr)
         sys.exit(2)
+
+
+def shell_word(arg: str) -> str:
+    """`arg` as a shell would need it typed: bare, else in double quotes where that is safe (a tuple
+    override such as ('sft','dpo') reads as typed), else shlex's single quotes."""
+    if shlex.quote(arg) == arg:
+        return arg
+    return f'"{arg}"' if not any(c in arg for c in '"$`\\!') else shlex.quote(arg)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that reproduces a run, pasteable into a shell: `python SCRIPT ARGS...`."""
+    return " ".join(["python", script, *map(shell_word, argv)])

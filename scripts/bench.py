@@ -1199,7 +1199,9 @@ def main() -> None:
         return
     fn = {"sampling": bench_sampling, "load": bench_load, "train": bench_train, "matmul": bench_matmul,
           "profile": bench_profile, "mfu": bench_mfu, "padding": bench_padding}[args.what]
-    result = {"machine": machine(), "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+    from kwjax.cli import command_line
+
+    result = {"machine": machine(), "command": command_line("scripts/bench.py", sys.argv[1:]),
               args.what: fn(args)}
     text = json.dumps(result, indent=2, ensure_ascii=False)
     print(text)

@@ -11,7 +11,6 @@ interrupted training run from its checkpoint); the report lands in WORKDIR/repor
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,18 +30,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Runs, evaluations and the repor
 _REPORT_DIR = flags.DEFINE_string("report_dir", None, "Where report.md and the plots go (default: WORKDIR/report).")
 
 
-def _shell_word(arg: str) -> str:
-    """`arg` as a shell would need it typed: bare, else in double quotes where that is safe (a tuple
-    override such as ('sft','dpo') reads as typed), else shlex's single quotes."""
-    if shlex.quote(arg) == arg:
-        return arg
-    return f'"{arg}"' if not any(c in arg for c in '"$`\\!') else shlex.quote(arg)
-
-
 def main(argv) -> int:
     del argv
     from absl import logging as absl_logging
-    from kwjax import experiment
+    from kwjax import cli, experiment
     from kwjax.data import DataError
     from kwjax.sampling import SamplingError
     from kwjax.prepare import TrainingError
@@ -59,7 +50,7 @@ def main(argv) -> int:
               f"[{(time.time() - started) / 60:.1f} min so far]", file=sys.stderr, flush=True)
 
     try:
-        command = " ".join(["python", "scripts/experiment.py", *map(_shell_word, sys.argv[1:])])
+        command = cli.command_line("scripts/experiment.py", sys.argv[1:])
         report = experiment.run(config, workdir, report_dir=_REPORT_DIR.value, on_task=announce, command=command)
     except (experiment.ExperimentError, TrainingError, DataError, SamplingError, WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

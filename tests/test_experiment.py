@@ -208,14 +208,13 @@ def test_tiny_experiment_end_to_end(tmp_path):
 
 def test_recorded_command_words_split_back_to_the_arguments():
     """The report's command, pasted into a shell, passes the same arguments (tuple overrides included)."""
-    import importlib.util
     import shlex
 
-    spec = importlib.util.spec_from_file_location("experiment_script", ROOT / "scripts" / "experiment.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from kwjax.cli import command_line, shell_word
+
     args = ["--preset=quick", "--config.experiment.methods=('sft','sft_dpo')", "--workdir=/tmp/a b",
             'a"b$c', "it's"]
-    words = [script._shell_word(a) for a in args]
+    words = [shell_word(a) for a in args]
     assert shlex.split(" ".join(words)) == args
     assert words[1] == "\"--config.experiment.methods=('sft','sft_dpo')\""
+    assert shlex.split(command_line("scripts/experiment.py", args)) == ["python", "scripts/experiment.py", *args]

@@ -8,6 +8,7 @@ training would compute.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -64,17 +65,23 @@ def generate(model: LoadedModel, rows: Sequence[dict], settings: EvalSettings, *
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("module",))
+def _summed_logps(module, params, batch):
+    """Compiled once per module and shape, so every evaluation of a run reuses the first one's program."""
+    from kwjax.step import forward_logps
+
+    return forward_logps(module, params, batch, 128)[1:3]
+
+
 def sequence_logps(model: LoadedModel, seqs: Sequence[batching.Sequence_], batch_size: int, bucket: int = 64
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(sum of response-token log-probs, response token count) per sequence, float64 on the host."""
-    from kwjax.step import forward_logps
-
-    fwd = jax.jit(lambda p, b: forward_logps(model.module, p, b, 128)[1:3])
     logps, counts = np.zeros(len(seqs)), np.zeros(len(seqs))
     for start in range(0, len(seqs), batch_size):
         chunk = list(seqs[start:start + batch_size])
         batch = batching.collate(chunk, bucket, rows=batch_size)
-        lp, n = jax.device_get(fwd(model.params, {k: np.asarray(v) for k, v in batch.items()}))
+        lp, n = jax.device_get(_summed_logps(model.module, model.params,
+                                             {k: np.asarray(v) for k, v in batch.items()}))
         logps[start:start + len(chunk)] = lp[:len(chunk)]
         counts[start:start + len(chunk)] = n[:len(chunk)]
     return logps, counts

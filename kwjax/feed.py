@@ -85,6 +85,17 @@ def epoch_batches(seed: int, epoch: int, lengths: np.ndarray, batch_size: int, g
     return [cut[i] for i in shuffle]
 
 
+def rows_seen(seed: int, lengths: np.ndarray, batch_size: int, group: int, steps: int) -> np.ndarray:
+    """The sorted row indices that the first `steps` training steps read (epoch by epoch, as
+    `epoch_batches` orders them): a capped run needs the reference's log-probs for these rows only."""
+    per_epoch = max(1, -(-len(lengths) // batch_size))
+    seen: set[int] = set()
+    for epoch in range(-(-steps // per_epoch)):
+        for idx in epoch_batches(seed, epoch, lengths, batch_size, group)[:steps - epoch * per_epoch]:
+            seen.update(int(i) for i in idx)
+    return np.asarray(sorted(seen), np.int64)
+
+
 def global_batch(data: Data, idx, config, mesh, ref_logps: np.ndarray | None = None) -> dict[str, jax.Array]:
     """The global batch of rows `idx` (padded to config.batch_size), sharded over the mesh's batch axes.
 
@@ -95,6 +106,8 @@ def global_batch(data: Data, idx, config, mesh, ref_logps: np.ndarray | None = N
     local = distributed.process_rows(mesh, len(rows))
     host = batching.collate_rows([rows[i] for i in local], seq_len, resp_len)
     if ref_logps is not None:
+        if not np.isfinite(ref_logps[idx]).all():  # rows the reference pass skipped: a bug, not bad input
+            raise RuntimeError(f"reference log-probs were not computed for rows {list(idx)}")
         ref = np.zeros(len(rows), np.float32)
         ref[:len(idx)] = ref_logps[idx, 0]
         ref[config.batch_size:config.batch_size + len(idx)] = ref_logps[idx, 1]

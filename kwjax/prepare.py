@@ -196,8 +196,11 @@ def prepare(config, method: str, model: LoadedModel, *, ref_params=None, devices
             from kwjax.paths import cache_dir
 
             root = cache_dir() / "reference_logps"
+            seen = feed.rows_seen(config.seed, train_data.lengths(), config.batch_size,
+                                  config.data.group_by_length, total_steps)
             ref_logps["train"] = reflib.reference_logps(module, reference, train_data, config, mesh, root,
-                                                        "reference (train)", on_batch=on_reference_batch)
+                                                        "reference (train)", rows=seen,
+                                                        on_batch=on_reference_batch)
             if eval_data is not None:
                 ref_logps["eval"] = reflib.reference_logps(module, reference, eval_data, config, mesh, root,
                                                            "reference (eval)")

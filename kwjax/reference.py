@@ -8,7 +8,7 @@ starting model never reuses stale values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,8 +34,13 @@ def cache_key(data: feed.Data, params, config, param_dtype) -> str:
 
 
 def reference_logps(module, params, data: feed.Data, config, mesh, cache_root: Path | None, desc: str, *,
+                    rows: Sequence[int] | None = None,
                     on_batch: Callable[[int, float], None] | None = None) -> np.ndarray:
     """[N, 2] (chosen, rejected) sequence log-probs of the reference `params` (a full tree).
+
+    `rows`: only these rows are needed (a run capped below an epoch reads only some); the others stay
+    NaN unless the cache already holds them. A cache file keeps every row any run computed, and is
+    reused when it holds all the rows asked for.
 
     Multi-process: every process computes its rows of every batch; the log-probs come back replicated,
     so every process holds all [N, 2]. Only process 0 reads and writes the cache (its disk), and tells
@@ -49,17 +54,24 @@ def reference_logps(module, params, data: feed.Data, config, mesh, cache_root: P
     path = None
     if cache_root is not None:
         path = cache_root / f"{cache_key(data, params, config, module.param_dtype)}.npy"
+    n = len(data.items)
+    needed = np.arange(n) if rows is None else np.asarray(sorted(set(int(r) for r in rows)), np.int64)
     found = np.load(path) if path is not None and distributed.is_main() and path.is_file() else None
-    if distributed.any_process(found is not None):  # process 0 found it: everyone takes its values
-        return distributed.broadcast(found if found is not None else np.zeros((len(data.items), 2)))
+    if found is not None and (found.shape != (n, 2) or not np.isfinite(found[needed]).all()):
+        complete = False
+    else:
+        complete = found is not None
+    if distributed.any_process(complete):  # process 0 holds every needed row: everyone takes its values
+        return distributed.broadcast(found if complete else np.zeros((n, 2)))
     cdtype = steplib.compute_dtype(config, module.param_dtype)
     # steplib.forward_logps looked up at trace time: a test counts the traces of a cache hit (none)
     fwd = jax.jit(lambda p, b: steplib.forward_logps(module, steplib.cast(p, cdtype), b,
                                                      config.logprob_chunk).logps_B,
                   out_shardings=sharding.replicated(mesh))
     bsz = config.batch_size
-    out = np.zeros((len(data.items), 2), np.float64)
-    for i, idx in enumerate(tqdm(feed.batches(data, bsz), desc=desc, unit="batch", leave=False,
+    out = np.full((n, 2), np.nan, np.float64)
+    chunks = [needed[s:s + bsz].tolist() for s in range(0, len(needed), bsz)]
+    for i, idx in enumerate(tqdm(chunks, desc=desc, unit="batch", leave=False,
                                  disable=not distributed.is_main())):
         batch = feed.global_batch(data, idx, config, mesh)
         t = time.perf_counter()
@@ -68,6 +80,8 @@ def reference_logps(module, params, data: feed.Data, config, mesh, cache_root: P
             on_batch(i, time.perf_counter() - t)
         out[idx, 0] = logps[:len(idx)]
         out[idx, 1] = logps[bsz:bsz + len(idx)]
+    if found is not None and found.shape == out.shape:  # keep the rows an earlier run computed
+        out = np.where(np.isnan(out), found, out)
     if path is not None and distributed.is_main():
         atomic_save_npy(path, out)
     return out

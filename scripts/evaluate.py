@@ -38,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
+    from kwjax.compiles import use_disk_cache
+
+    use_disk_cache()
     try:
         if args.keywords_file:
             rows = evaluate.rows_from_keywords_file(args.keywords_file)

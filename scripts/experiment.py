@@ -34,6 +34,7 @@ def main(argv) -> int:
     del argv
     from absl import logging as absl_logging
     from kwjax import cli, experiment
+    from kwjax.compiles import use_disk_cache
     from kwjax.data import DataError
     from kwjax.sampling import SamplingError
     from kwjax.prepare import TrainingError
@@ -41,6 +42,7 @@ def main(argv) -> int:
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file operation at INFO
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    use_disk_cache()
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value or f"runs/{config.experiment.name}")
     started = time.time()

@@ -43,8 +43,11 @@ def main(argv) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from kwjax.compiles import use_disk_cache
     from kwjax.prepare import TrainingError
     from kwjax.stages import run
+
+    use_disk_cache()
 
     from absl import logging as absl_logging
 

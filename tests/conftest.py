@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Scripts run by tests keep no compiled programs in the user's cache; tests of the disk cache set a path.
+os.environ.setdefault("KWJAX_XLA_CACHE", "0")
 
 import numpy as np
 import pytest

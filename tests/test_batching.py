@@ -280,3 +280,19 @@ def test_epoch_batches_grouped_cover_every_row_once_and_cut_padding(group):
             total += sum(len(b) * lengths[b].max() for b in got)
         padded[g] = total
     assert padded[group] < 0.9 * padded[0]
+
+
+def test_rows_seen_is_the_union_of_the_steps_batches():
+    """A capped run's rows, from the epoch permutations written out: part of an epoch, then past one."""
+    from kwjax import feed
+
+    lengths = np.arange(10) % 4 + 1
+    perm0 = np.random.default_rng([5, 0]).permutation(10)  # epoch 0: batches of 3, 3, 3, 1 rows
+    perm1 = np.random.default_rng([5, 1]).permutation(10)
+    np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 0, 2), np.sort(perm0[:6]))
+    np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 0, 4), np.arange(10))
+    np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 0, 6), np.arange(10))  # into epoch 1
+    assert set(perm1[:3]) <= set(range(10))
+    # Grouped batches: the rows of whichever batch comes first, 3 of the 10.
+    grouped = feed.rows_seen(5, lengths, 3, 6, 1)
+    assert len(grouped) == 3 and set(grouped) <= set(range(10))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,9 @@ def test_preset_flag_becomes_config():
 
 def run_cli(workdir, *extra):
     cmd = [sys.executable, str(ROOT / "scripts" / "experiment.py"), "--preset=tiny", f"--workdir={workdir}", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    # The disk cache of compiled programs on, in the test's own directory (later tasks load programs).
+    env = {**os.environ, "KWJAX_XLA_CACHE": str(Path(workdir).parent / "xla")}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
 
 
 def test_tiny_experiment_end_to_end(tmp_path):
@@ -174,6 +177,8 @@ def test_tiny_experiment_end_to_end(tmp_path):
     # Each task counts the XLA programs it compiled; the first has nothing cached to reuse.
     assert all(t["timings"]["xla_compiles"] >= 0 for t in record["tasks"])
     assert record["tasks"][0]["timings"]["xla_compiles"] >= 1 and record["tasks"][0]["timings"]["xla_compile_s"] > 0
+    # SFT->DPO's step is DPO's program on the SFT weights: loaded from the disk cache, not compiled.
+    assert record["tasks"][5]["timings"]["xla_cache_hits"] >= 1, record["tasks"][5]["timings"]
     top = max(record["tasks"], key=lambda t: t["peak_rss_mib"])
     assert f"- Peak resident memory: {top['peak_rss_mib'] / 1024:.1f} GiB ({top['kind']}" in text
 

@@ -269,3 +269,29 @@ def test_remat_holds_one_layer_of_activations_at_a_time():
     plain = step_temp_bytes(model_config, "dpo", remat=False, rows=8, seq_len=256, resp_len=128)
     remat = step_temp_bytes(model_config, "dpo", remat=True, rows=8, seq_len=256, resp_len=128)
     assert remat < 0.35 * plain, f"remat {remat / 2**20:.1f} MiB vs {plain / 2**20:.1f} MiB without"
+
+
+def test_capped_reference_pass_computes_only_the_rows_read_and_the_cache_fills_in(tmp_path):
+    """tiny: 16 training pairs, batch 4, 3 steps read 12 of them; the others are never computed until a
+    run asks for them, and the cache then holds all 16, equal to a full pass's values."""
+    from kwjax import data as datalib, feed, reference as reflib, sharding
+    from kwjax.models.gemma3.model import Gemma3
+
+    cfg = tiny_config()
+    run(cfg, "dpo", tmp_path / "capped")
+    model = stages.load_model(cfg)
+    rows, _ = datalib.split_rows(cfg, "dpo")
+    data = feed.encode(rows, model.tokenizer, cfg, "dpo")
+    cached = tmp_path / "cache" / "reference_logps" / f"{reflib.cache_key(data, model.params, cfg, model.dtype)}.npy"
+    partial = np.load(cached)
+    seen = feed.rows_seen(cfg.seed, data.lengths(), cfg.batch_size, cfg.data.group_by_length, 3)
+    assert len(data.items) == 16 and len(seen) == 12
+    assert np.isfinite(partial[seen]).all()
+    assert np.isnan(np.delete(partial, seen, axis=0)).all()
+
+    module, mesh = Gemma3(model.config, param_dtype=model.dtype), sharding.make_mesh()
+    fresh = reflib.reference_logps(module, model.params, data, cfg, mesh, None, "full")  # no cache
+    filled = reflib.reference_logps(module, model.params, data, cfg, mesh, cached.parent, "all rows")
+    assert np.isfinite(filled).all() and np.isfinite(np.load(cached)).all()
+    chex.assert_trees_all_close(filled, fresh, atol=1e-4, rtol=1e-6)
+    chex.assert_trees_all_close(partial[seen], fresh[seen], atol=1e-4, rtol=1e-6)

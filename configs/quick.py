@@ -1,4 +1,4 @@
-"""The experiment scaled to a 2-core CPU and the embedded Gemma 3 270M: about 20 minutes end to end.
+"""The experiment scaled to a 2-core CPU and the embedded Gemma 3 270M: 18-45 minutes end to end, by machine (README).
 
   python scripts/experiment.py --config=configs/quick.py --workdir=runs/quick
 """

@@ -1,6 +1,6 @@
 """The whole experiment in one command: base vs SFT vs DPO vs SFT→DPO, trained, evaluated, reported.
 
-  python scripts/experiment.py --preset=quick                      # ~20 min on a 2-core CPU (Gemma 3 270M)
+  python scripts/experiment.py --preset=quick                      # 18-45 min on a 2-core CPU (Gemma 3 270M)
   python scripts/experiment.py --preset=full --config.model=/models/gemma-3-1b-it --workdir=runs/full
   python scripts/experiment.py --config=configs/quick.py --config.experiment.seeds="(0,1)"
 

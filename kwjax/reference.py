@@ -55,12 +55,9 @@ def reference_logps(module, params, data: feed.Data, config, mesh, cache_root: P
     if cache_root is not None:
         path = cache_root / f"{cache_key(data, params, config, module.param_dtype)}.npy"
     n = len(data.items)
-    needed = np.arange(n) if rows is None else np.asarray(sorted(set(int(r) for r in rows)), np.int64)
+    needed = np.arange(n) if rows is None else np.unique(np.asarray(rows, np.int64))
     found = np.load(path) if path is not None and distributed.is_main() and path.is_file() else None
-    if found is not None and (found.shape != (n, 2) or not np.isfinite(found[needed]).all()):
-        complete = False
-    else:
-        complete = found is not None
+    complete = found is not None and found.shape == (n, 2) and bool(np.isfinite(found[needed]).all())
     if distributed.any_process(complete):  # process 0 holds every needed row: everyone takes its values
         return distributed.broadcast(found if complete else np.zeros((n, 2)))
     cdtype = steplib.compute_dtype(config, module.param_dtype)

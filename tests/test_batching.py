@@ -288,11 +288,10 @@ def test_rows_seen_is_the_union_of_the_steps_batches():
 
     lengths = np.arange(10) % 4 + 1
     perm0 = np.random.default_rng([5, 0]).permutation(10)  # epoch 0: batches of 3, 3, 3, 1 rows
-    perm1 = np.random.default_rng([5, 1]).permutation(10)
     np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 0, 2), np.sort(perm0[:6]))
     np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 0, 4), np.arange(10))
     np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 0, 6), np.arange(10))  # into epoch 1
-    assert set(perm1[:3]) <= set(range(10))
-    # Grouped batches: the rows of whichever batch comes first, 3 of the 10.
-    grouped = feed.rows_seen(5, lengths, 3, 6, 1)
-    assert len(grouped) == 3 and set(grouped) <= set(range(10))
+    # Grouped: groups of 6 sorted longest first, cut into batches of 3, the batches shuffled.
+    grouped = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in (perm0[:6], perm0[6:])])
+    first = np.random.default_rng([5, 0, 1]).permutation(4)[0]
+    np.testing.assert_array_equal(feed.rows_seen(5, lengths, 3, 6, 1), np.sort(grouped[3 * first:3 * first + 3]))

@@ -49,14 +49,22 @@ def _pair_views(lp: losses.ResponseLogps, micro):
 
 
 def _with_pair_metrics(loss_fn):
-    """Adds TRL's logits/chosen, logits/rejected and the step's response-token count to a pair loss."""
+    """Adds TRL's logits/chosen, logits/rejected, the step's response-token count and the per-token
+    preference accuracy to a pair loss.
+
+    `preference_accuracy` is the evaluation's (shared conventions): the chosen response's mean token
+    log-prob above the rejected one's, no reference. DPO's `rewards/accuracies` compares summed log-prob
+    changes instead, which a long chosen passage loses on as soon as every token drifts a little; the
+    two disagree exactly when that happens (docs/recipe-270m, section 4), so the log keeps both."""
 
     def loss(lp: losses.ResponseLogps, ref_logps_B, micro, totals, config):
         out, metrics = loss_fn(lp, ref_logps_B, micro, totals, config)
-        _, _, tc, tr, pair_mask = _pair_views(lp, micro)
+        pc, pr, tc, tr, pair_mask = _pair_views(lp, micro)
         lc, lr = split_pairs(lp.mean_logit_B)
         metrics["logits/chosen"] = jnp.sum(lc * pair_mask) / totals["pairs"]
         metrics["logits/rejected"] = jnp.sum(lr * pair_mask) / totals["pairs"]
+        wins = (pc / jnp.maximum(tc, 1.0) > pr / jnp.maximum(tr, 1.0)).astype(jnp.float32)
+        metrics["preference_accuracy"] = jnp.sum(wins * pair_mask) / totals["pairs"]
         metrics["num_tokens"] = jnp.sum((tc + tr) * pair_mask)
         return out, metrics
 

@@ -83,8 +83,8 @@ def last_values(metrics_path: Path) -> dict:
     return last
 
 
-TABLE_COLUMNS = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "gen_terminated",
-                 "gen_prompt_echo", "gen_all_keywords_morpheme", "gen_seq_rep_4", "gen_length_chars",
+TABLE_COLUMNS = ("loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_preference_accuracy",
+                 "gen_terminated", "gen_prompt_echo", "gen_all_keywords_morpheme", "gen_seq_rep_4", "gen_length_chars",
                  "tokens_per_second")
 
 

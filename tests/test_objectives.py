@@ -232,6 +232,10 @@ def assert_pair_extras(m, lp, batch, n_pairs):
     np.testing.assert_allclose(float(m["logits/chosen"]), (lc * pair_mask).sum() / n_pairs, rtol=1e-6)
     np.testing.assert_allclose(float(m["logits/rejected"]), (lr * pair_mask).sum() / n_pairs, rtol=1e-6)
     assert float(m["num_tokens"]) == ((tc + tr) * pair_mask).sum()
+    pc, pr = halves(np.asarray(lp.logps_B, np.float64))
+    wins = [float(c / max(a, 1.0) > r / max(b, 1.0)) for c, r, a, b in zip(pc, pr, tc, tr)]
+    np.testing.assert_allclose(float(m["preference_accuracy"]), (np.array(wins) * pair_mask).sum() / n_pairs,
+                               rtol=1e-6)
 
 
 def test_totals_count_real_pairs_and_chosen_tokens():
@@ -272,7 +276,7 @@ def test_dpo_entries_are_dpo_loss(loss_type, eps, alpha):
         rpo_alpha=alpha, chosen_nll_sum_B=-pc, num_chosen_tokens_total=t["chosen_tokens"])
     chex.assert_trees_all_equal(loss, want_loss)  # bit-identical
     chex.assert_trees_all_equal({k: m[k] for k in want}, want)
-    assert set(m) == set(want) | {"logits/chosen", "logits/rejected", "num_tokens"}
+    assert set(m) == set(want) | {"logits/chosen", "logits/rejected", "num_tokens", "preference_accuracy"}
     assert_pair_extras(m, lp, batch, 3.0)
     if loss_type == "sigmoid" and not eps:
         assert abs(float(loss) - LN2) > 1e-3  # the reference differs from the policy here

@@ -1113,16 +1113,21 @@ def bench_padding(args) -> dict:
     from kwjax.paths import embedded_gguf_path
     from kwjax.tokenizer import load_tokenizer
 
-    c = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "recipe_270m.py"))["get_config"]()
+    recipe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "recipe_270m.py"))["get_config"]
     tok = load_tokenizer(embedded_gguf_path())
     rows = []
-    for kind in ("sft", "dpo"):
+    # (kind as reported, data kind, preference file): the authored pairs, then the on-policy ones
+    sets = (("sft", "sft", ""), ("dpo", "dpo", ""),
+            ("dpo:onpolicy", "dpo", "kwjax/data_files/keyword_literature_onpolicy.jsonl"))
+    for name, kind, preference_file in sets:
+        c = recipe()
+        c.data.preference_file = preference_file
         train_rows, _ = split_rows(c, kind)
         data = feed.encode(train_rows, tok, c, kind)
         lengths = data.lengths()
         for group in (0, 64, len(lengths)):
             for bucket in (16, 32, 64):
-                real = padded = padded_resp = 0
+                real = padded = padded_resp = separate = 0
                 shapes = set()
                 for epoch in range(args.epochs):
                     for idx in feed.epoch_batches(c.seed, epoch, lengths, c.batch_size, group):
@@ -1132,12 +1137,21 @@ def bench_padding(args) -> dict:
                         padded += len(batch) * seq_len
                         padded_resp += len(batch) * resp_len
                         real += sum(len(r) for r in batch if r is not None)
-                rows.append({"kind": kind, "group_by_length": group, "length_bucket": bucket,
-                             "real_over_padded": round(real / padded, 3), "padded_tokens": padded,
-                             "padded_response_tokens": padded_resp, "shapes": len(shapes)})
+                        if kind == "dpo":  # were chosen and rejected rows padded each to their own width
+                            half = len(batch) // 2
+                            separate += sum(half * batching.padded_lengths(part, bucket)[0]
+                                            for part in (batch[:half], batch[half:]))
+                row = {"kind": name, "group_by_length": group, "length_bucket": bucket,
+                       "real_over_padded": round(real / padded, 3), "padded_tokens": padded,
+                       "padded_response_tokens": padded_resp, "shapes": len(shapes)}
+                if separate:
+                    row["halves_padded_separately_over_shared"] = round(separate / padded, 3)
+                rows.append(row)
     for r in rows:
-        print(f"{r['kind']:4s} group {r['group_by_length']:4d} bucket {r['length_bucket']:3d}: real/padded "
-              f"{r['real_over_padded']:.3f}, padded tokens {r['padded_tokens']}, shapes {r['shapes']}", file=sys.stderr)
+        halves = r.get("halves_padded_separately_over_shared")
+        print(f"{r['kind']:12s} group {r['group_by_length']:4d} bucket {r['length_bucket']:3d}: real/padded "
+              f"{r['real_over_padded']:.3f}, padded tokens {r['padded_tokens']}, shapes {r['shapes']}"
+              + (f", halves padded separately {halves:.3f}x" if halves else ""), file=sys.stderr)
     return {"epochs": args.epochs, "batch_size": c.batch_size, "rows": rows}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kwjax import evaluate as evallib
+from kwjax.files import atomic_write_text
 from kwjax.runs import read_marker
 
 LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO", "sft_dpo": "SFT→DPO", "chosen": "chosen (data)"}
@@ -323,7 +324,7 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
     claims = judge_claims(summary)
     plot_curves(tasks, out_dir / "training_curves.png")
     plot_metrics(summary, out_dir / "metrics.png")
-    (out_dir / "summary.json").write_text(json.dumps(
+    atomic_write_text(out_dir / "summary.json", json.dumps(
         {"summary": summary, "claims": [dataclasses.asdict(c) for c in claims]}, indent=2, ensure_ascii=False))
 
     models = [m for m in ("base", "sft", "dpo", "sft_dpo") if m in summary] + ["chosen"]
@@ -383,5 +384,5 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
               f"## Side by side (greedy, seed {seeds[0]})", ""]
     lines += side_by_side(gens, rows, config.experiment.side_by_side, str(seeds[0]))
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

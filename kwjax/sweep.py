@@ -139,8 +139,6 @@ def run(config, method: str, grid: dict[str, list], workdir: str | Path, *, prog
                  "timings": {m: s.get("timings") for m, s in summary.items()}}
         atomic_write_text(record, json.dumps(entry, indent=2))
         results.append(entry)
-    with open(workdir / "sweep.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+    atomic_write_text(workdir / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in results))
     atomic_write_text(workdir / "sweep.md", f"# Sweep: {method}, {len(results)} points\n\n" + table(results) + "\n")
     return results

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
+from kwjax.files import atomic_write_text
 from kwjax.models.gemma3.chat import END_OF_TURN, GEMMA3_CHAT_TEMPLATE, START_OF_TURN
 from kwjax.paths import cache_dir
 
@@ -144,7 +145,7 @@ class _TokenizersBackend:
         return self._tok.id_to_token(token_id) if token_id >= 0 else None
 
     def write(self, directory: Path) -> str:
-        (directory / "tokenizer.json").write_text(self._json, encoding="utf-8")
+        atomic_write_text(directory / "tokenizer.json", self._json)
         return "tokenizer.json"
 
 
@@ -267,7 +268,7 @@ class Tokenizer:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------

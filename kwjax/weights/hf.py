@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kwjax.files import atomic_write_text
 from kwjax.models.gemma3.config import ModelConfig
 from kwjax.weights import safetensors
 from kwjax.models.gemma3 import layout
@@ -91,4 +92,4 @@ def write(directory: str | Path, config: ModelConfig, params: dict, dtype=None) 
                      metadata={"format": "pt"})
     hf_config = config.to_hf_dict()
     hf_config["dtype"] = hf_config["torch_dtype"] = str(dtype)
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+    atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))

@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from kwjax.files import jsonl_objects
 from kwjax.keywords import KINDS
 from kwjax.prompt_keywords import keywords_from_prompt
 
@@ -100,13 +101,9 @@ def _read_text(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue  # a blank line is not a row (e.g. a trailing newline)
-        try:
-            yield f"line {lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"line {lineno}", None, f"malformed JSON at column {e.colno}: {e.msg}") from None
+    for lineno, row in jsonl_objects(_read_text(path), lambda n, e: DataError(
+            path, f"line {n}", None, f"malformed JSON at column {e.colno}: {e.msg}")):
+        yield f"line {lineno}", row
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -493,13 +490,8 @@ def load_heldout(path: str | Path | None = None) -> list[dict]:
     Rows: ``{"id", "prompt", "keywords", "keyword_kinds", "form", "split": "heldout"}``."""
     path = Path(path) if path else HELDOUT_PATH
     rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"line {lineno}", None, f"is not valid JSON ({e.msg})") from None
+    for lineno, raw in jsonl_objects(_read_text(path), lambda n, e: DataError(
+            path, f"line {n}", None, f"is not valid JSON ({e.msg})")):
         for field in ("id", "instruction", "form"):
             if not isinstance(raw.get(field), str) or not raw[field].strip():
                 raise DataError(path, f"line {lineno}", field, "expected a non-empty string")

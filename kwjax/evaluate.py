@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from kwjax import batching, metrics
-from kwjax.files import atomic_path, atomic_write_text
+from kwjax.files import atomic_path, atomic_write_text, jsonl_objects
 from kwjax.sampling import Sampler, SamplingConfig
 from kwjax.weights import LoadedModel
 
@@ -137,13 +137,8 @@ def rows_from_keywords_file(path: str | Path) -> list[dict]:
     from kwjax.data import DataError
 
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"line {n}", None, f"not valid JSON ({e.msg})") from None
+    for n, obj in jsonl_objects(Path(path).read_text(encoding="utf-8"),
+                                lambda n, e: DataError(path, f"line {n}", None, f"not valid JSON ({e.msg})")):
         kws = obj.get("keywords") if isinstance(obj, dict) else None
         if not isinstance(kws, list) or not kws or not all(isinstance(k, str) and k.strip() for k in kws):
             raise DataError(path, f"line {n}", "keywords", "expected a non-empty list of strings")

@@ -10,10 +10,11 @@ name is unique per writer, so two processes writing the same file do not write i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -41,6 +42,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding=encoding) as f:
         f.write(text)
+
+
+def jsonl_objects(text: str, malformed: Callable[[int, json.JSONDecodeError], Exception]
+                  ) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON-lines text; a line that is not JSON
+    raises `malformed(line number, error)`, so each reader names its file and says what to do in its own
+    words. Blank lines (a trailing newline) are not rows."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise malformed(lineno, e) from None
+        yield lineno, value
 
 
 def atomic_save_npy(path: str | Path, array) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from kwjax import metrics
-from kwjax.files import atomic_write_text
+from kwjax.files import atomic_write_text, jsonl_objects
 
 __all__ = ["FAILURES", "PairRules", "SamplingPlan", "score", "failures", "sample_candidates",
            "read_candidates", "build_pairs", "write_pairs", "pass_rates", "PairsError"]
@@ -101,13 +101,8 @@ def read_candidates(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise PairsError(f"{path}: candidates file not found")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairsError(f"{path}:{n}: not valid JSON ({e.msg}); delete the line to resample it") from None
+    for n, row in jsonl_objects(path.read_text(encoding="utf-8"), lambda n, e: PairsError(
+            f"{path}:{n}: not valid JSON ({e.msg}); delete the line to resample it")):
         missing = [f for f in ("id", "prompt", "keywords", "mode", "text", "scores") if f not in row]
         if missing:
             raise PairsError(f"{path}:{n}: candidate row lacks {missing}")

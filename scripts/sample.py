@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import kwjax
+from kwjax.files import jsonl_objects
 from kwjax.sampling import Sampler, SamplingConfig, SamplingError
 from kwjax.weights import WeightsError
 
@@ -21,13 +22,8 @@ def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise SamplingError(f"{path}: prompts file not found")
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SamplingError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in jsonl_objects(path.read_text(encoding="utf-8"),
+                                lambda n, e: SamplingError(f"{path}:{n}: not valid JSON ({e.msg})")):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise SamplingError(f"{path}:{n}: expected an object with a non-empty string field 'prompt'")
         prompts.append(row["prompt"])

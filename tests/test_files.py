@@ -1,12 +1,12 @@
 """kwjax.files: the content arrives whole, no temporary file stays behind, and a write that fails
-half way leaves the file that was there before."""
+half way leaves the file that was there before; the JSON-lines reader numbers lines as an editor does."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kwjax.files import atomic_path, atomic_save_npy, atomic_write_bytes, atomic_write_text
+from kwjax.files import atomic_path, atomic_save_npy, atomic_write_bytes, atomic_write_text, jsonl_objects
 
 
 def test_writes_arrive_and_leave_no_temporary(tmp_path):
@@ -48,3 +48,14 @@ def test_failure_without_old_file_leaves_nothing(tmp_path):
             tmp.write_bytes(b"partial")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_objects_skip_blank_lines_and_name_the_bad_one():
+    text = '{"a": 1}\n\n  \n[2, 3]\n"x"\n'
+    assert list(jsonl_objects(text, lambda n, e: ValueError(n))) == [(1, {"a": 1}), (4, [2, 3]), (5, "x")]
+
+    class Bad(Exception):
+        pass
+
+    with pytest.raises(Bad, match=r"^line 3: Expecting"):
+        list(jsonl_objects('{}\n\n{"b": }\n{}', lambda n, e: Bad(f"line {n}: {e.msg}")))

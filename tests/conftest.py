@@ -51,6 +51,18 @@ def tiny_config(**overrides):
     return cfg
 
 
+def assert_refused_before_any_work(overrides: dict, message: str, workdir) -> None:
+    """Training a tiny model with these settings stops with a TrainingError matching `message` (a regex)
+    before anything is written: a bad setting costs the user no work and no checkpoint."""
+    from kwjax import stages
+    from kwjax import train as T
+
+    cfg = tiny_config(**overrides)
+    with pytest.raises(T.TrainingError, match=message):
+        T.train(cfg, "sft", workdir, stages.load_model(cfg), progress=False)
+    assert not (workdir / "checkpoints").exists()
+
+
 def long_text() -> str:
     """A mixed Korean/English text well over 512 tokens, so sliding-window layers are exercised."""
     return "\n\n".join([KOREAN, ENGLISH] * 8)

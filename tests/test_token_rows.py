@@ -16,7 +16,7 @@ from kwjax import train as T
 from kwjax.checkpoint import Checkpointer
 from kwjax.models.gemma3.model import positions_from_mask
 from kwjax.prepare import prepare
-from tests.conftest import tiny_config
+from tests.conftest import assert_refused_before_any_work, tiny_config
 
 ROWS = {"freeze": "embedding", "train_tokens": "<start_of_turn>,<end_of_turn>"}
 
@@ -90,10 +90,7 @@ def test_training_moves_those_rows_only_and_the_export_carries_them(tmp_path):
     ({"freeze": "embedding", "train_tokens": "999999999"}, r"train_tokens: ids \[999999999\] lie outside"),
 ])
 def test_bad_token_rows_settings_are_named_before_any_work(overrides, message, tmp_path):
-    cfg = tiny_config(**overrides)
-    with pytest.raises(T.TrainingError, match=message):
-        T.train(cfg, "sft", tmp_path, stages.load_model(cfg), progress=False)
-    assert not (tmp_path / "checkpoints").exists()
+    assert_refused_before_any_work(overrides, message, tmp_path)
 
 
 def test_resuming_with_other_trained_rows_is_refused(tmp_path):

@@ -154,43 +154,49 @@ def plan(config, workdir: Path) -> list[Task]:
     return tasks
 
 
-def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
-    method = task.model
-    fp = train_fingerprint(config, method)
-    if _check_done(task, fp):
+def _run_task(task: Task, fingerprint: str, work: Callable[[float], tuple[dict, dict]]) -> None:
+    """Runs `work(start time) -> (marker fields, timings by phase)` unless the task is already done with
+    these settings; marks it started, then finished with its wall seconds, peak memory and compile counts."""
+    if _check_done(task, fingerprint):
         return
-    _mark(task, fp, finished=False)
+    _mark(task, fingerprint, finished=False)
     t0 = time.time()
     memory.reset_peak()
     compiled = compiles.Counter.start()
-    # sft_dpo: DPO from this seed's finished SFT model, which is also its reference (as in the write-up)
-    chain = stages.experiment_layout(method, workdir_seed / "train")
-    summary = stages.run_chain(config, chain, resume=True, progress=progress)[chain[-1].method]
-    if summary.get("interrupted"):
-        raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
-                                "is saved and a rerun of the experiment resumes it")
-    _mark(task, fp, finished=True, final_step=summary["final_step"], seconds=round(time.time() - t0, 1),
-          peak_rss_mib=memory.peak_mib(), timings={**(summary.get("timings") or {}), **compiled.as_timings()})
+    fields, timings = work(t0)
+    _mark(task, fingerprint, finished=True, seconds=round(time.time() - t0, 1), peak_rss_mib=memory.peak_mib(),
+          timings={**timings, **compiled.as_timings()}, **fields)
+
+
+def _train(task: Task, config, workdir_seed: Path, progress: bool) -> None:
+    method = task.model
+
+    def work(t0: float) -> tuple[dict, dict]:
+        # sft_dpo: DPO from this seed's finished SFT model, which is also its reference (as in the write-up)
+        chain = stages.experiment_layout(method, workdir_seed / "train")
+        summary = stages.run_chain(config, chain, resume=True, progress=progress)[chain[-1].method]
+        if summary.get("interrupted"):
+            raise KeyboardInterrupt(f"training {method} (seed {config.seed}) stopped by a signal; its checkpoint "
+                                    "is saved and a rerun of the experiment resumes it")
+        return {"final_step": summary["final_step"]}, summary.get("timings") or {}
+
+    _run_task(task, train_fingerprint(config, method), work)
 
 
 def _evaluate(task: Task, config, workdir_seed: Path, rows: list[dict], progress: bool) -> None:
     import kwjax
 
-    fp = eval_fingerprint(config, task.model)
-    if _check_done(task, fp):
-        return
-    _mark(task, fp, finished=False)
-    t0 = time.time()
-    memory.reset_peak()
-    compiled = compiles.Counter.start()
-    if task.model == "base":
-        model = stages.load_model(config)
-    else:
-        model = kwjax.load(workdir_seed / "train" / task.model / "model", dtype=config.dtype)
-    loaded = round(time.time() - t0, 2)
-    result = evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress, run=str(config.seed))
-    _mark(task, fp, finished=True, seconds=round(time.time() - t0, 1), peak_rss_mib=memory.peak_mib(),
-          timings={"load": loaded, **result.get("timings", {}), **compiled.as_timings()})
+    def work(t0: float) -> tuple[dict, dict]:
+        if task.model == "base":
+            model = stages.load_model(config)
+        else:
+            model = kwjax.load(workdir_seed / "train" / task.model / "model", dtype=config.dtype)
+        loaded = round(time.time() - t0, 2)
+        result = evallib.evaluate(model, rows, eval_settings(config), task.path, progress=progress,
+                                  run=str(config.seed))
+        return {}, {"load": loaded, **result.get("timings", {})}
+
+    _run_task(task, eval_fingerprint(config, task.model), work)
 
 
 def run(config, workdir: str | Path, *, progress: bool = True, report_dir: str | Path | None = None,

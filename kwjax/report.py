@@ -266,6 +266,40 @@ def _table(summary: dict, models: list[str], block: str, rows) -> list[str]:
     return lines
 
 
+def comparison_lines(summary: dict, claims: Sequence[Claim], sampling: str, one_sample: bool) -> list[str]:
+    """The claims table and the comparison tables: the part of a report that a merged summary also has."""
+    models = [m for m in ("base", "sft", "dpo", "sft_dpo") if m in summary] + ["chosen"]
+    lines = ["## Claims of the write-up, judged by the numbers", "",
+             "| claim | verdict | rule | numbers |", "|---|---|---|---|"]
+    lines += [f"| {c.claim} | **{c.verdict}** | {c.rule} | {c.evidence} |" for c in claims]
+    lines += ["", "\"Inconclusive\": the direction agrees but the intervals overlap. Coherence and literary "
+              "quality are not measured directly; preference accuracy (does the model rate the chosen "
+              "passage above the rejected one, per token) stands in for the pull toward the chosen style.", "",
+              "## Comparison table", "", "### Greedy outputs", ""]
+    lines += _table(summary, models, "greedy", GEN_ROWS)
+    if any("sample" in summary[m] for m in summary):
+        lines += ["", f"### Sampled outputs ({sampling})", ""]
+        lines += _table(summary, [m for m in models if m != "chosen"], "sample", GEN_ROWS)
+        if one_sample:
+            lines += ["", "Self-BLEU of samples compares the samples of one prompt: undefined with one sample."]
+    lines += ["", "### Likelihood of the validation pairs", ""]
+    lines += _table(summary, [m for m in models if m != "chosen"], "likelihood", LIK_ROWS)
+    return lines
+
+
+def merge(summaries: Sequence[tuple[str, dict]]) -> tuple[dict, dict]:
+    """Several experiments' ``summary.json`` contents as one summary, so the claims can be judged across runs
+    (a stage trained in another session or on another machine). A model found in more than one keeps the
+    first one's numbers. Returns the merged summary and, per model, the name of the run it came from."""
+    merged: dict = {}
+    source: dict = {}
+    for name, content in summaries:
+        for model, blocks in content["summary"].items():
+            if model not in merged:
+                merged[model], source[model] = blocks, name
+    return merged, source
+
+
 def _quote(text: str, limit: int = 700) -> list[str]:
     text = text.strip()
     if len(text) > limit:
@@ -327,7 +361,6 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
     atomic_write_text(out_dir / "summary.json", json.dumps(
         {"summary": summary, "claims": [dataclasses.asdict(c) for c in claims]}, indent=2, ensure_ascii=False))
 
-    models = [m for m in ("base", "sft", "dpo", "sft_dpo") if m in summary] + ["chosen"]
     seeds = list(config.experiment.seeds)
     mach = record["machine"]
     task_seconds = sum(t.seconds or 0.0 for t in tasks)
@@ -364,22 +397,9 @@ def write(config, workdir: Path, tasks, rows: Sequence[dict], out_dir: Path, rec
         "prompts. Keyword metrics ignore text copied from the prompt (10+ characters). `chosen (data)` is the "
         "validation set's chosen passages measured the same way: the level a model that learned the task "
         "would reach.", "",
-        "## Claims of the write-up, judged by the numbers", "",
-        "| claim | verdict | rule | numbers |", "|---|---|---|---|",
     ]
-    lines += [f"| {c.claim} | **{c.verdict}** | {c.rule} | {c.evidence} |" for c in claims]
-    lines += ["", "\"Inconclusive\": the direction agrees but the intervals overlap. Coherence and literary "
-              "quality are not measured directly; preference accuracy (does the model rate the chosen "
-              "passage above the rejected one, per token) stands in for the pull toward the chosen style.", "",
-              "## Comparison table", "", "### Greedy outputs", ""]
-    lines += _table(summary, models, "greedy", GEN_ROWS)
-    if any("sample" in summary[m] for m in summary):
-        lines += ["", f"### Sampled outputs (temperature {e.temperature}, top-p {e.top_p})", ""]
-        lines += _table(summary, [m for m in models if m != "chosen"], "sample", GEN_ROWS)
-        if e.num_samples < 2:
-            lines += ["", "Self-BLEU of samples compares the samples of one prompt: undefined with one sample."]
-    lines += ["", "### Likelihood of the validation pairs", ""]
-    lines += _table(summary, [m for m in models if m != "chosen"], "likelihood", LIK_ROWS)
+    lines += comparison_lines(summary, claims, f"temperature {e.temperature}, top-p {e.top_p}",
+                              one_sample=e.num_samples < 2)
     lines += ["", "## Plots", "", "![training curves](training_curves.png)", "", "![metrics](metrics.png)", "",
               f"## Side by side (greedy, seed {seeds[0]})", ""]
     lines += side_by_side(gens, rows, config.experiment.side_by_side, str(seeds[0]))

@@ -82,6 +82,49 @@ def test_missing_model_is_not_evaluated():
     assert verdicts(s) == ["supported", "not evaluated", "supported", "not evaluated"]
 
 
+def _combine(tmp_path, *contents, name="combined"):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import combine_reports
+
+    paths = []
+    for i, content in enumerate(contents):
+        paths.append(tmp_path / f"summary_{i}.json")
+        paths[-1].write_text(json.dumps(content), encoding="utf-8")
+    out = tmp_path / f"{name}.md"
+    rc = combine_reports.main([*map(str, paths), f"--out={out}"])
+    return rc, out, paths
+
+
+def test_claims_judged_across_merged_runs(tmp_path, capsys):
+    """A run with base and SFT, another with its own base, DPO and SFT->DPO: merged, every claim is judged,
+    and the base model is the first file's."""
+    full = summary()
+    failing_base = json.loads(json.dumps(full["base"]))
+    failing_base["greedy"]["all_keywords/morpheme"] = m(0.95, 0.9, 1.0)  # claim 1 fails on this base
+    first = {"summary": {"base": full["base"], "sft": full["sft"]}}
+    second = {"summary": {"base": failing_base, "dpo": full["dpo"], "sft_dpo": full["sft_dpo"]}}
+    assert verdicts(first["summary"]) == ["supported", "supported", "not evaluated", "not evaluated"]
+
+    rc, out, paths = _combine(tmp_path, first, second)
+    assert rc == 0
+    got = json.loads(out.with_suffix(".json").read_text("utf-8"))
+    assert [c["verdict"] for c in got["claims"]] == ["supported"] * 4
+    assert got["sources"] == {"base": str(paths[0]), "sft": str(paths[0]), "dpo": str(paths[1]),
+                              "sft_dpo": str(paths[1])}
+    text = out.read_text("utf-8")
+    assert text.count("| **supported** |") == 4 and "| metric | base | SFT | DPO | SFT→DPO |" in text
+
+    rc, out, _ = _combine(tmp_path, second, first, name="reversed")
+    assert rc == 0
+    assert json.loads(out.with_suffix(".json").read_text("utf-8"))["claims"][0]["verdict"] == "not supported"
+
+
+def test_combine_refuses_a_file_that_is_not_a_summary(tmp_path, capsys):
+    rc, out, paths = _combine(tmp_path, {"summary": summary()}, [1, 2])
+    assert rc == 2 and not out.exists()
+    assert str(paths[1]) in capsys.readouterr().err
+
+
 def gen(id_, text, run="0", mode="greedy", stop="stop_token", keywords=("바다", "편지", "기다림")):
     return evallib.Generation(id_, f"{', '.join(keywords)}로 글을 써 줘", list(keywords), mode, 0, text, [], stop, run)
 

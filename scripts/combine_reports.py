@@ -1,7 +1,7 @@
 """The write-up's claims judged across experiments that ran apart (another session, another machine).
 
   python scripts/combine_reports.py docs/recipe-270m/dpo_base_5ep/summary.json \\
-      docs/recipe-270m/sft_dpo_onpolicy_5ep/summary.json --out=docs/recipe-270m/combined.md
+      docs/recipe-270m/sft_dpo_onpolicy_5ep/summary.json --out=docs/recipe-270m/claims_combined.md
 
 Each argument is an experiment report's ``summary.json``. A model that appears in several (the base model,
 evaluated by every experiment) is taken from the first file given; the output names each model's source.

@@ -84,7 +84,10 @@ def test_missing_model_is_not_evaluated():
 
 def _combine(tmp_path, *contents, name="combined"):
     sys.path.insert(0, str(ROOT / "scripts"))
-    import combine_reports
+    try:
+        import combine_reports
+    finally:
+        sys.path.pop(0)
 
     paths = []
     for i, content in enumerate(contents):
@@ -95,7 +98,7 @@ def _combine(tmp_path, *contents, name="combined"):
     return rc, out, paths
 
 
-def test_claims_judged_across_merged_runs(tmp_path, capsys):
+def test_claims_judged_across_merged_runs(tmp_path):
     """A run with base and SFT, another with its own base, DPO and SFT->DPO: merged, every claim is judged,
     and the base model is the first file's."""
     full = summary()

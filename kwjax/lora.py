@@ -4,12 +4,12 @@ For a target weight W (e.g. `layer_3/attn/q`, [D, N, H]) the adapters are A [in,
 (in = W's contracted input dims, out = the rest, flattened) and the model uses W + (α/r)·(A B). B
 starts at zero, so step 0 is exactly the base model; A starts uniform in ±1/√in (PEFT's default).
 
-The product is added to W inside the step, at trace time per target, so the Flax module is unchanged
-and the merged model that `model/` and `hf/` export is the very function that was trained. The cost of
-that choice: the backward pass still forms each target's full weight gradient (then projects it onto
-A and B), so a LoRA step saves the optimizer state, the embedding's gradient and the checkpoint size,
-not the matmuls of the target weights' gradients. The reference of a preference stage is "adapters
-off": the frozen tree alone, with no copy and no separate pass.
+Training keeps the adapters apart from W: the model adds (x A)(α/r) B beside each target's x W
+(`forward_trees`, the model's `lora` collection), so the backward pass differentiates x W for x alone
+and never forms W's gradient (until 2026-12-08 the product was added to W first, and every LoRA step
+paid for a full weight gradient per target). Exports, evaluation and sampling use the merged weights
+W + (α/r)·A B (`combine`): the same function, to float32 rounding (tested). The reference of a
+preference stage is "adapters off": the frozen tree alone, with no copy and no separate pass.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ class LoRA:
                            for block, names in blocks.items()} for layer, blocks in trainable.items()}
         return merge(frozen, updated)
 
+    def forward_trees(self, trainable: dict, frozen: dict) -> tuple[dict, dict]:
+        """(the frozen tree as it is, the adapters with α/r folded into A): the step adds (x A) B beside
+        each target's x W (`Gemma3`'s `plus_adapter`), so W's own gradient is never formed."""
+        def scaled(ab):
+            return {"a": ab["a"] * jnp.asarray(self.scale, ab["a"].dtype), "b": ab["b"]}
+
+        return frozen, {layer: {block: {name: scaled(ab) for name, ab in names.items()}
+                                for block, names in blocks.items()} for layer, blocks in trainable.items()}
+
     def _updated(self, w, ab):
         delta = (ab["a"] @ ab["b"]).reshape(w.shape) * jnp.asarray(self.scale, ab["a"].dtype)
         return w + delta.astype(w.dtype)
@@ -104,8 +113,8 @@ def from_config(config) -> LoRA | None:
         raise PartitionError(f"lora.targets: unknown {unknown or '(none given)'}; expected some of "
                              f"{', '.join(TARGETS)} (comma-separated)")
     if c.dropout:
-        raise PartitionError(f"lora.dropout is {c.dropout}: LoRA dropout is not implemented (the adapters are "
-                             "merged into the weights inside the step); set lora.dropout=0")
+        raise PartitionError(f"lora.dropout is {c.dropout}: LoRA dropout is not implemented (the train step "
+                             "carries no dropout randomness); set lora.dropout=0")
     if not c.alpha > 0:
         raise PartitionError(f"lora.alpha is {c.alpha}; expected a positive scale (the update is alpha/rank·AB)")
     if config.get("freeze", ""):

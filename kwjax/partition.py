@@ -75,6 +75,12 @@ class Partition:
         product to the frozen weights instead)."""
         return merge(frozen, trainable)
 
+    def forward_trees(self, trainable: dict, frozen: dict) -> tuple[dict, dict | None]:
+        """What a training forward pass reads: (params, adapters), the adapters the model's `lora`
+        collection (`Gemma3`'s `plus_adapter`) or None. Here the params are `combine`'s; an adapter
+        method keeps its adapters apart, so no gradient of the frozen weights is ever formed."""
+        return self.combine(trainable, frozen), None
+
     def check(self, params) -> None:
         """Every pattern names some parameter, and something is left to train."""
         names = [param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]

@@ -18,18 +18,20 @@ import optax
 
 from kwjax import losses, objectives, optimizer
 from kwjax.partition import Partition, merge
-from kwjax.models.gemma3.model import Gemma3, positions_from_mask
+from kwjax.models.gemma3.model import ADAPTERS, Gemma3, positions_from_mask
 
 
 def forward_logps(module: Gemma3, params, batch, chunk: int, keep_logits: bool = False,
-                  rows=None) -> losses.ResponseLogps:
+                  rows=None, adapters=None) -> losses.ResponseLogps:
     """Response-token log-probs of a batch (`kwjax.batching` layout); no B × T × V logits are formed
     unless `keep_logits` (the backward pass then reuses the forward's, see `losses.response_logps`).
 
     `rows`: (ids_K, rows_KD), the trained rows of an otherwise frozen embedding (`kwjax.token_rows`),
     already written into `params["embedding"]`; their output-side gradient is added by
-    `losses.with_row_gradients` instead of through the whole embedding's."""
-    hidden = module.apply({"params": params}, batch["tokens_BT"], positions_from_mask(batch["valid_BT"]),
+    `losses.with_row_gradients` instead of through the whole embedding's. `adapters`: the model's `lora`
+    collection (`Partition.forward_trees`), or None."""
+    variables = {"params": params} if adapters is None else {"params": params, ADAPTERS: adapters}
+    hidden = module.apply(variables, batch["tokens_BT"], positions_from_mask(batch["valid_BT"]),
                           return_hidden=True)
     softcap = module.config.final_logit_softcap
     embedding = params["embedding"] if rows is None else jax.lax.stop_gradient(params["embedding"])
@@ -63,7 +65,7 @@ def cast(params, dtype):
 def make_loss_fn(module: Gemma3, method: str, config, partition: Partition | None = None) -> Callable:
     """loss(trainable, micro_batch, ref, totals, frozen=None) -> (loss, metrics).
 
-    The model's parameters are `partition.combine(trainable, frozen)` (default: nothing frozen).
+    The model reads `partition.forward_trees(trainable, frozen)` (default: nothing frozen).
     `totals` are the whole step's normalisers (`objectives.totals`). `ref`: the on-the-fly reference
     tree, laid over `frozen` (so it may hold only the trainable part, or nothing: the frozen weights
     alone), or None: the batch's precomputed `ref_logps_B`, or no reference for a reference-free loss.
@@ -78,8 +80,8 @@ def make_loss_fn(module: Gemma3, method: str, config, partition: Partition | Non
 
     def loss_fn(trainable, micro, ref, totals, frozen=None):
         rows = None if rows_of is None else cast(rows_of(trainable), cdtype)
-        lp = forward_logps(module, cast(partition.combine(trainable, frozen or {}), cdtype), micro, chunk, keep,
-                           rows)
+        params, adapters = partition.forward_trees(trainable, frozen or {})
+        lp = forward_logps(module, cast(params, cdtype), micro, chunk, keep, rows, cast(adapters, cdtype))
         ref_logps_B = None
         if objective.needs_reference:
             if ref is not None:  # same module, the frozen reference tree, no gradient

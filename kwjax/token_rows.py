@@ -48,10 +48,16 @@ class TokenRows:
 
     def combine(self, trainable: dict, frozen: dict) -> dict:
         rest = {k: v for k, v in trainable.items() if k != KEY}
-        params = self.base.combine(rest, frozen)
+        return self._with_rows(self.base.combine(rest, frozen), trainable[KEY])
+
+    def forward_trees(self, trainable: dict, frozen: dict) -> tuple[dict, dict | None]:
+        rest = {k: v for k, v in trainable.items() if k != KEY}
+        params, adapters = self.base.forward_trees(rest, frozen)
+        return self._with_rows(params, trainable[KEY]), adapters
+
+    def _with_rows(self, params: dict, rows_KD) -> dict:
         embedding = params["embedding"]
-        rows = trainable[KEY].astype(embedding.dtype)
-        return {**params, "embedding": embedding.at[jnp.asarray(self.ids)].set(rows)}
+        return {**params, "embedding": embedding.at[jnp.asarray(self.ids)].set(rows_KD.astype(embedding.dtype))}
 
     def output_rows(self, trainable: dict):
         """(ids_K, rows_KD) for the step's output projection (`losses.with_row_gradients`)."""

@@ -69,6 +69,25 @@ def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None)
     return visible
 
 
+# The variable collection of low-rank adapters (`kwjax.lora`), kept apart from the weights they adapt.
+ADAPTERS = "lora"
+
+
+def plus_adapter(module: nn.Module, name: str, y, x):
+    """`y` = x·W plus (x A) B when the `ADAPTERS` collection holds {"a": A [in, r], "b": B [r, out]} for
+    weight `name` (its scale already in A); `x` is [B, T, in] (W's contracted dims flattened), `out` is
+    the rest of `y`'s dims flattened.
+
+    Why apart from W: with W + A B formed first, the backward pass would form W's full gradient
+    (x^T dy, as many FLOPs as the forward matmul) only to project it onto A and B; here W is a
+    constant and its matmul is differentiated for dx alone."""
+    if not module.has_variable(ADAPTERS, name):
+        return y
+    ab = module.get_variable(ADAPTERS, name)
+    a, b = ab["a"].astype(x.dtype), ab["b"].astype(x.dtype)
+    return y + ((x @ a) @ b).reshape(y.shape).astype(y.dtype)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     layer: int
@@ -84,9 +103,9 @@ class Attention(nn.Module):
         w_v = self.param("v", init, (d, k, h), self.param_dtype)
         w_o = self.param("o", init, (n, h, d), self.param_dtype)
 
-        q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, w_q)
-        k_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, w_k)
-        v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, w_v)
+        q_BTNH = plus_adapter(self, "q", jnp.einsum("btd,dnh->btnh", x_BTD, w_q), x_BTD)
+        k_BTKH = plus_adapter(self, "k", jnp.einsum("btd,dkh->btkh", x_BTD, w_k), x_BTD)
+        v_BTKH = plus_adapter(self, "v", jnp.einsum("btd,dkh->btkh", x_BTD, w_v), x_BTD)
         q_BTNH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="query_norm")(q_BTNH)
         k_BTKH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="key_norm")(k_BTKH)
 
@@ -126,7 +145,7 @@ class Attention(nn.Module):
         # instead, on every decode step.
         out_BKGTH = jnp.einsum("bkgts,bskh->bkgth", probs_BKGTS, values_BSKH)
         out_BTF = out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)
-        return out_BTF @ w_o.reshape(n * h, -1), new_cache
+        return plus_adapter(self, "o", out_BTF @ w_o.reshape(n * h, -1), out_BTF), new_cache
 
 
 def write_cache(cache: LayerCache, k_BTKH, v_BTKH, pos_BT) -> LayerCache:
@@ -172,8 +191,9 @@ class MLP(nn.Module):
         gate_DF = self.param("gate", init, (d, f), self.param_dtype)
         up_DF = self.param("up", init, (d, f), self.param_dtype)
         down_FD = self.param("down", init, (f, d), self.param_dtype)
-        h_BTF = jax.nn.gelu(x_BTD @ gate_DF, approximate=True) * (x_BTD @ up_DF)
-        return h_BTF @ down_FD
+        gate_BTF = plus_adapter(self, "gate", x_BTD @ gate_DF, x_BTD)
+        h_BTF = jax.nn.gelu(gate_BTF, approximate=True) * plus_adapter(self, "up", x_BTD @ up_DF, x_BTD)
+        return plus_adapter(self, "down", h_BTF @ down_FD, h_BTF)
 
 
 class Block(nn.Module):
@@ -224,6 +244,9 @@ class Gemma3(nn.Module):
         return (out, new_caches) if cache is not None else out
 
 
+_DIFFERENTIATED = ("params", ADAPTERS)  # the collections a recomputed layer passes gradients back to
+
+
 def _block_forward(block: Block, x_BTD, positions_BT):
     return block(x_BTD, positions_BT, None)[0]
 
@@ -252,13 +275,14 @@ def _block_backward(block: Block, saved, out_ct_BTD):
     _, vjp = jax.vjp(lambda v, x: fresh.apply(v, x, positions_BT, None)[0], variables, x_BTD)
     variables_ct, x_ct_BTD = vjp(out_ct_BTD)
     positions_ct = np.zeros(positions_BT.shape, jax.dtypes.float0)
-    return {"params": variables_ct["params"]}, x_ct_BTD, positions_ct
+    return {k: v for k, v in variables_ct.items() if k in _DIFFERENTIATED}, x_ct_BTD, positions_ct
 
 
 def recomputed_in_backward(block: Block, x_BTD, positions_BT):
     """`block(x, positions)` keeping only its inputs for the backward pass (Gemma3's `remat`)."""
     return nn.custom_vjp(_block_forward, _block_forward_saving_inputs,
-                         lambda saved, ct: _block_backward(block, saved, ct))(block, x_BTD, positions_BT)
+                         lambda saved, ct: _block_backward(block, saved, ct),
+                         grad_vars=list(_DIFFERENTIATED))(block, x_BTD, positions_BT)
 
 
 # On XLA:CPU a dot with only a few rows (decoding a small batch: 4-24 hidden states against the

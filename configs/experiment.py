@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft = ml_collections.ConfigDict()
     c.sft.learning_rate = 2e-5
     c.sft.max_steps = 0  # > 0 caps this stage alone (takes precedence over max_steps)
+    c.sft.every_epoch = -1  # >= 0: this stage's own eval.every_epoch (0: no per-epoch check in this stage)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.learning_rate = 5e-6
@@ -55,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.dpo.simpo_gamma = 0.5  # SimPO's target reward margin γ (TRL's default); SimPO wants beta ≈ 2, not 0.1
     c.dpo.reference = "precomputed"  # precomputed (cached on disk) or on_the_fly
     c.dpo.max_steps = 0  # > 0 caps this stage alone (in sft_dpo too)
+    c.dpo.every_epoch = -1  # >= 0: this stage's own eval.every_epoch (in sft_dpo too)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all remaining devices
@@ -68,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0
     c.lora.alpha = 16.0  # the update is (alpha / rank) · A B
-    c.lora.dropout = 0.0  # only 0 is supported (adapters are merged into the weights inside the step)
+    c.lora.dropout = 0.0  # only 0 is supported (the train step carries no dropout randomness)
     c.lora.targets = "q,k,v,o,gate,up,down"  # comma-separated, of q k v o gate up down
     # Embedding rows trained although the embedding is frozen (kwjax.token_rows): comma-separated token
     # pieces or ids, e.g. "<start_of_turn>,<end_of_turn>", whose rows a pretrained model never trained.

@@ -46,6 +46,9 @@ def get_config():
     c.eval.max_new_tokens = 256
     c.eval.num_samples = 1
     c.eval.every_epoch = 8  # greedy outputs of 8 validation prompts after every epoch: when looping starts
+    # ... in the SFT stage only: in the two DPO stages those checks cost ~15 (Xeon) to ~33 (slower EPYC) min
+    # of the 3 h budget (docs/PERFORMANCE.md); --config.dpo.every_epoch=8 brings them back.
+    c.dpo.every_epoch = 0
     c.experiment.name = "recipe-270m"
     c.experiment.seeds = (0,)
     c.experiment.note = ("The write-up's recipe on the embedded, pretrained Gemma 3 270M (not an -it model: "

@@ -156,8 +156,11 @@ def run_chain(config, stages: list[Stage], *, resume: bool = False, progress: bo
 
 def epoch_hook(config, stage: Stage, model: LoadedModel):
     """The stage's per-epoch generation check (`evaluate.epoch_hook`) when `config.eval.every_epoch` asks
-    for one: greedy outputs for that many validation prompts after every epoch. Single-process only."""
-    n = config.eval.get("every_epoch", 0)
+    for one: greedy outputs for that many validation prompts after every epoch. Single-process only.
+    A stage's own `every_epoch` (`config.sft` / `config.dpo`), when >= 0, wins: the checks answer "when
+    does SFT start or stop looping" and cost a DPO stage a tenth of its time."""
+    own = (config.get(stage.method) or {}).get("every_epoch", -1)
+    n = own if own is not None and own >= 0 else config.eval.get("every_epoch", 0)
     if not n:
         return None
     if distributed.is_multiprocess():

@@ -1103,18 +1103,23 @@ def bench_mfu(args) -> dict:
 def bench_padding(args) -> dict:
     """How much of each batch is padding, per batching policy: real tokens / padded tokens over
     `--epochs` epochs of the shipped training split (the embedded tokenizer), and the distinct padded
-    shapes (each one compile per stage). Counts only, no timing: the step time follows the tokens."""
+    shapes (each one compile per stage). Counts only, no timing: the step time follows the tokens.
+
+    `train_tflop`: the matmul FLOPs the recipe's stage executes on those batches (`kwjax.flops`, dense
+    attention as computed): forward, backward for the activations and the body's weights, the vocabulary
+    tiles recomputed (the embedding is frozen: no gradient of its own), and for DPO the reference pass
+    once. Divided by a measured matmul rate it is the least time the stage's steps can take."""
     import runpy
 
-    import numpy as np
-
-    from kwjax import batching, feed
+    from kwjax import batching, feed, flops
+    from kwjax.models.gemma3.config import PRESETS
     from kwjax.data import split_rows
     from kwjax.paths import embedded_gguf_path
     from kwjax.tokenizer import load_tokenizer
 
     recipe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "recipe_270m.py"))["get_config"]
     tok = load_tokenizer(embedded_gguf_path())
+    model_config = PRESETS["gemma3-270m"]()
     rows = []
     # (kind as reported, data kind, preference file): the authored pairs, then the on-policy ones
     sets = (("sft", "sft", ""), ("dpo", "dpo", ""),
@@ -1127,7 +1132,7 @@ def bench_padding(args) -> dict:
         lengths = data.lengths()
         for group in (0, 64, len(lengths)):
             for bucket in (16, 32, 64):
-                real = padded = padded_resp = separate = 0
+                real = padded = padded_resp = separate = executed = 0
                 shapes = set()
                 for epoch in range(args.epochs):
                     for idx in feed.epoch_batches(c.seed, epoch, lengths, c.batch_size, group):
@@ -1137,20 +1142,25 @@ def bench_padding(args) -> dict:
                         padded += len(batch) * seq_len
                         padded_resp += len(batch) * resp_len
                         real += sum(len(r) for r in batch if r is not None)
+                        fwd = flops.forward_flops(model_config, rows=len(batch), seq_len=seq_len,
+                                                  logit_positions=resp_len).total
+                        executed += 3 * fwd + (fwd if kind == "dpo" and epoch == 0 else 0)
                         if kind == "dpo":  # were chosen and rejected rows padded each to their own width
                             half = len(batch) // 2
                             separate += sum(half * batching.padded_lengths(part, bucket)[0]
                                             for part in (batch[:half], batch[half:]))
                 row = {"kind": name, "group_by_length": group, "length_bucket": bucket,
                        "real_over_padded": round(real / padded, 3), "padded_tokens": padded,
-                       "padded_response_tokens": padded_resp, "shapes": len(shapes)}
+                       "padded_response_tokens": padded_resp, "shapes": len(shapes),
+                       "train_tflop": round(executed / 1e12, 1)}
                 if separate:
                     row["halves_padded_separately_over_shared"] = round(separate / padded, 3)
                 rows.append(row)
     for r in rows:
         halves = r.get("halves_padded_separately_over_shared")
         print(f"{r['kind']:12s} group {r['group_by_length']:4d} bucket {r['length_bucket']:3d}: real/padded "
-              f"{r['real_over_padded']:.3f}, padded tokens {r['padded_tokens']}, shapes {r['shapes']}"
+              f"{r['real_over_padded']:.3f}, padded tokens {r['padded_tokens']}, shapes {r['shapes']}, "
+              f"{r['train_tflop']} TFLOP"
               + (f", halves padded separately {halves:.3f}x" if halves else ""), file=sys.stderr)
     return {"epochs": args.epochs, "batch_size": c.batch_size, "rows": rows}
 

@@ -87,3 +87,14 @@ def test_stage_epoch_hook_writes_greedy_outputs_of_that_epoch(tmp_path):
                              progress=False)
     last = [json.loads(x) for x in (directory / "epochs" / "epoch_2.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in last] == [g.tokens for g in fresh]
+
+
+def test_a_stages_own_every_epoch_wins_over_eval_every_epoch(tmp_path):
+    cfg = tiny_config(**{"eval.every_epoch": 3, "dpo.every_epoch": 0})
+    model = stages.load_model(cfg)
+    sft, dpo = stages.experiment_layout("sft_dpo", tmp_path)
+    assert (sft.method, dpo.method) == ("sft", "dpo")
+    assert stages.epoch_hook(cfg, sft, model) is not None  # -1: as eval.every_epoch
+    assert stages.epoch_hook(cfg, dpo, model) is None
+    cfg.eval.every_epoch, cfg.dpo.every_epoch = 0, 2
+    assert stages.epoch_hook(cfg, sft, model) is None and stages.epoch_hook(cfg, dpo, model) is not None

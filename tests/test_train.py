@@ -77,6 +77,7 @@ def test_length_grouped_batches_resume_exactly(tmp_path):
     cfg = tiny_config(max_steps=4, checkpoint_every=2, **{"data.group_by_length": 16})
     full = run(cfg, "sft", tmp_path / "full")
     part = run(cfg, "sft", tmp_path / "part", interrupt_at=2)
+    assert part.interrupted and part.final_step == 2
     rest = run(cfg, "sft", tmp_path / "part", resume=True)
     chex.assert_trees_all_close(losses_of(rest), losses_of(full)[2:], atol=1e-5)
     plain = run(tiny_config(max_steps=4), "sft", tmp_path / "plain")  # other batches: other losses

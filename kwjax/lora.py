@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -75,8 +76,7 @@ class LoRA:
         def scaled(ab):
             return {"a": ab["a"] * jnp.asarray(self.scale, ab["a"].dtype), "b": ab["b"]}
 
-        return frozen, {layer: {block: {name: scaled(ab) for name, ab in names.items()}
-                                for block, names in blocks.items()} for layer, blocks in trainable.items()}
+        return frozen, jax.tree.map(scaled, trainable, is_leaf=lambda x: isinstance(x, dict) and "a" in x)
 
     def _updated(self, w, ab):
         delta = (ab["a"] @ ab["b"]).reshape(w.shape) * jnp.asarray(self.scale, ab["a"].dtype)

@@ -47,12 +47,10 @@ class TokenRows:
         return {**trainable, KEY: rows}, frozen
 
     def combine(self, trainable: dict, frozen: dict) -> dict:
-        rest = {k: v for k, v in trainable.items() if k != KEY}
-        return self._with_rows(self.base.combine(rest, frozen), trainable[KEY])
+        return self._with_rows(self.base.combine(_without_rows(trainable), frozen), trainable[KEY])
 
     def forward_trees(self, trainable: dict, frozen: dict) -> tuple[dict, dict | None]:
-        rest = {k: v for k, v in trainable.items() if k != KEY}
-        params, adapters = self.base.forward_trees(rest, frozen)
+        params, adapters = self.base.forward_trees(_without_rows(trainable), frozen)
         return self._with_rows(params, trainable[KEY]), adapters
 
     def _with_rows(self, params: dict, rows_KD) -> dict:
@@ -79,6 +77,11 @@ class TokenRows:
 
     def describe(self) -> dict:
         return {**self.base.describe(), KEY: list(self.pieces)}
+
+
+def _without_rows(trainable: dict) -> dict:
+    """The base split's part of a trainable tree (everything but the rows under `KEY`)."""
+    return {k: v for k, v in trainable.items() if k != KEY}
 
 
 def parse(spec: str, tokenizer) -> tuple[tuple[int, ...], tuple[str, ...]]:

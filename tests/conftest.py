@@ -34,6 +34,14 @@ def random_logps_inputs(rng: np.random.Generator, B: int, T: int, D: int, V: int
     return hidden, emb, idx, tgt, np.ones((B, R), bool)
 
 
+def compiled_flops(compiled) -> float:
+    """XLA's own FLOP count of a compiled program (`cost_analysis()` is a dict, or a list of one)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
 def tiny_config(**overrides):
     """configs/tiny.py (a random 3-layer model, the real tokenizer) with dotted-key overrides, checkpoints
     every 100 steps (i.e. at the end of these short runs)."""

@@ -8,6 +8,7 @@ import pytest
 
 from kwjax import flops, losses
 from kwjax.models.gemma3.config import GLOBAL, SLIDING, ModelConfig
+from tests.conftest import compiled_flops
 
 
 def toy() -> ModelConfig:
@@ -73,10 +74,7 @@ XLA_TOLERANCE = 0.05
 
 
 def _xla_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost["flops"])
+    return compiled_flops(jax.jit(fn).lower(*args).compile())
 
 
 def test_against_xla_cost_analysis():

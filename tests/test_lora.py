@@ -17,7 +17,7 @@ from kwjax import train as T
 from kwjax.checkpoint import Checkpointer
 from kwjax.models.gemma3.model import positions_from_mask
 from kwjax.prepare import prepare
-from tests.conftest import assert_refused_before_any_work, tiny_config
+from tests.conftest import assert_refused_before_any_work, compiled_flops, tiny_config
 
 LORA = {"lora.rank": 4, "lora.alpha": 8.0}
 
@@ -102,10 +102,6 @@ def test_adapters_kept_apart_give_the_merged_weights_gradients_without_the_weigh
         return jax.jit(jax.value_and_grad(_sft_loss_through(p, run.module, cfg, frozen, batch))).lower(
             adapters).compile()
 
-    def flops(c):
-        cost = c.cost_analysis()
-        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-
     apart, want = compiled(part), compiled(merged)
     (apart_loss, apart_grads), (want_loss, want_grads) = apart(adapters), want(adapters)
     assert abs(float(apart_loss) - float(want_loss)) < 1e-5 * abs(float(want_loss))
@@ -117,7 +113,7 @@ def test_adapters_kept_apart_give_the_merged_weights_gradients_without_the_weigh
     weight_grads = sum(2 * tokens * ab["a"].shape[0] * ab["b"].shape[1] for ab in targets)
     per = 8 if remat else 6
     adapter_matmuls = sum(per * tokens * part.rank * (ab["a"].shape[0] + ab["b"].shape[1]) for ab in targets)
-    assert flops(want) - flops(apart) > 0.9 * (weight_grads - adapter_matmuls) > 0
+    assert compiled_flops(want) - compiled_flops(apart) > 0.9 * (weight_grads - adapter_matmuls) > 0
 
 
 def test_training_moves_only_the_adapters_and_the_export_is_the_merged_model(tmp_path):
